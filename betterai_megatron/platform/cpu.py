@@ -18,6 +18,8 @@ What it does, and why each piece is needed (all verified on megatron-core 0.16.1
   ``torch.cuda._lazy_call`` forever (CUDA never initialises): they are pointed at the CPU generator.
 * ``megatron.core.transformer.moe.moe_utils.te_general_gemm`` is referenced even without Transformer Engine
   (upstream bug in 0.16.1: ``NameError`` in the router): it is defined as ``None`` when TE is absent.
+* The MoE all-to-all dispatcher converts its split sizes to numpy only for CUDA tensors; gloo's
+  ``all_to_all_single`` rejects tensors, so CPU tensors are converted too.
 
 Call :func:`enable_cpu_execution` once per process, before megatron-core builds anything. It is idempotent and
 returns ``False`` (doing nothing) when CUDA is available.
@@ -189,6 +191,59 @@ def _patch_megatron() -> None:
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+
+    # The all-to-all token dispatcher turns its split sizes into numpy only for CUDA tensors ("move to CPU");
+    # gloo's all_to_all_single rejects tensors as split sizes, so convert CPU tensors as well.
+    original_move = moe_utils.maybe_move_tensor_to_cpu
+
+    def move_tensor_to_cpu(tensor, as_numpy: bool = False, record_stream: bool = False):
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()
+        return original_move(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    moe_utils.maybe_move_tensor_to_cpu = move_tensor_to_cpu
+    from megatron.core.transformer.moe import token_dispatcher
+
+    token_dispatcher.maybe_move_tensor_to_cpu = move_tensor_to_cpu
+    _patch_uneven_collectives()
+
+
+def _patch_uneven_collectives() -> None:
+    """Sequence-parallel MoE gathers/scatters tokens in *uneven* per-rank pieces (``output_split_sizes``) with
+    list-based ``all_gather`` and ``reduce_scatter``, which gloo does not support (it needs equal sizes, and has
+    no reduce-scatter). Same results through gloo-supported collectives: pad to the largest piece and gather;
+    all-reduce then keep this rank's piece."""
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel import mappings
+
+    original_gather = mappings._gather_along_first_dim
+
+    def gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return original_gather(input_, group, output_split_sizes, use_global_buffer)
+        sizes = [int(size) for size in output_split_sizes]
+        padded = input_.new_zeros((max(sizes),) + tuple(input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        pieces = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(pieces, padded, group=group)
+        return torch.cat([piece[:size] for piece, size in zip(pieces, sizes)], dim=0)
+
+    def reduce_scatter_along_first_dim(input_, group, input_split_sizes=None, use_global_buffer=False):
+        world = group.size()
+        if world == 1:
+            return input_
+        total = input_.contiguous().clone()
+        dist.all_reduce(total, group=group)
+        rank = dist.get_rank(group)
+        if input_split_sizes is None:
+            size = input_.shape[0] // world
+            return total[rank * size : (rank + 1) * size].contiguous()
+        sizes = [int(size) for size in input_split_sizes]
+        start = sum(sizes[:rank])
+        return total[start : start + sizes[rank]].contiguous()
+
+    mappings._gather_along_first_dim = gather_along_first_dim
+    mappings._reduce_scatter_along_first_dim = reduce_scatter_along_first_dim
 
 
 def cpu_execution_enabled() -> bool:
