@@ -12,7 +12,7 @@ import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from betterai_megatron.config.data import DataConfig
+from betterai_megatron.config.data import DataConfig, check_data_config
 from betterai_megatron.config.loader import ConfigError, apply_overrides, from_dict, read_yaml
 from betterai_megatron.config.model import ModelConfig
 from betterai_megatron.config.parallel import ParallelConfig
@@ -143,6 +143,7 @@ def validate_static(config: Config) -> None:
     if t.global_batch_size % t.micro_batch_size:
         problems.append(f"train.global_batch_size={t.global_batch_size} is not divisible by "
                         f"train.micro_batch_size={t.micro_batch_size}")
+    problems += check_data_config(config.data)
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
 
