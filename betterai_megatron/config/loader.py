@@ -207,7 +207,7 @@ def from_dict(cls: type, data: dict, *, prefix: str = "") -> Any:
         kwargs[key] = _coerce(value, hints[key], dotted)
     try:
         return cls(**kwargs)
-    except TypeError as exc:  # a required field is missing
+    except (TypeError, ValueError) as exc:  # a required field is missing, or the section's own check failed
         raise ConfigError(f"{prefix or 'config'}: {exc}") from exc
 
 

@@ -18,6 +18,9 @@ from betterai_megatron.config.model import ModelConfig
 from betterai_megatron.config.parallel import ParallelConfig
 from betterai_megatron.config.run import LogConfig, RunConfig
 from betterai_megatron.config.train import CheckpointConfig, TrainConfig
+from betterai_megatron.rewards.rewards_config import RewardsConfig
+from betterai_megatron.rewards.sandbox_config import SandboxConfig
+from betterai_megatron.rl.algo_config import GRPOLossConfig
 
 _MIXERS = {"A": "softmax attention", "D": "DeltaNet", "L": "GLA", "G": "Gated DeltaNet"}
 
@@ -31,6 +34,9 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    grpo: GRPOLossConfig = field(default_factory=GRPOLossConfig)
 
 
 def _resolve_preset(raw: dict) -> dict:
@@ -144,6 +150,11 @@ def validate_static(config: Config) -> None:
         problems.append(f"train.global_batch_size={t.global_batch_size} is not divisible by "
                         f"train.micro_batch_size={t.micro_batch_size}")
     problems += check_data_config(config.data)
+    for section in (config.sandbox, config.rewards):
+        try:
+            section.validate()
+        except ValueError as exc:
+            problems.append(str(exc))
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
 

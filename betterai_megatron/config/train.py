@@ -37,10 +37,14 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
+    """Checkpoints (betterai_megatron.training.checkpointing). A run resumes from ``dir`` when it holds a
+    checkpoint; otherwise from ``load_dir`` when set (e.g. the previous stage); otherwise it starts fresh."""
+
     dir: Optional[str] = None  # default: <run.dir>/checkpoints
     save_interval: Optional[int] = None  # steps; null: only at the end and on signals
     keep_last: Optional[int] = None  # keep this many newest checkpoints; null: all
-    async_save: bool = False
-    load_weights_only: bool = False  # start a new stage from these weights (fresh optimiser, step 0)
-    load_dir: Optional[str] = None  # load from here instead of dir (e.g. the previous stage)
-    save_on_exit: bool = True
+    async_save: bool = False  # write in a background process (dist_checkpointing's async path)
+    load_weights_only: bool = False  # with load_dir: model weights only (fresh optimiser and schedule, step 0)
+    load_dir: Optional[str] = None  # start from here when dir holds no checkpoint (e.g. the previous stage)
+    save_on_exit: bool = True  # save when training ends (signals and train.exit_duration_mins always save)
+    load_optimizer: bool = True  # false: resume weights, schedule and step with fresh optimiser moments
