@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
+from betterai_megatron.model.linear_attention.config import LinearAttentionConfig
+
 
 @dataclass
 class MoEConfig:
@@ -78,6 +80,7 @@ class ModelConfig:
     # auto: Transformer Engine layers when TE imports on CUDA, else megatron-core's local (torch) layers
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
     moe: MoEConfig = field(default_factory=MoEConfig)
+    linear_attention: LinearAttentionConfig = field(default_factory=LinearAttentionConfig)  # D/L/G layers
 
     @property
     def is_moe(self) -> bool:

@@ -18,9 +18,11 @@ from betterai_megatron.config.model import ModelConfig
 from betterai_megatron.config.parallel import ParallelConfig
 from betterai_megatron.config.run import LogConfig, RunConfig
 from betterai_megatron.config.train import CheckpointConfig, TrainConfig
+from betterai_megatron.pipeline.pipeline_config import PipelineConfig
 from betterai_megatron.rewards.rewards_config import RewardsConfig
 from betterai_megatron.rewards.sandbox_config import SandboxConfig
 from betterai_megatron.rl.algo_config import GRPOLossConfig
+from betterai_megatron.rl.rollout import RolloutConfig
 
 _MIXERS = {"A": "softmax attention", "D": "DeltaNet", "L": "GLA", "G": "Gated DeltaNet"}
 
@@ -37,6 +39,8 @@ class Config:
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
     grpo: GRPOLossConfig = field(default_factory=GRPOLossConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 
 def _resolve_preset(raw: dict) -> dict:
@@ -130,6 +134,14 @@ def validate_static(config: Config) -> None:
         if bad or not m.layer_pattern:
             problems.append(f"model.layer_pattern={m.layer_pattern!r}: letters must be from "
                             + ", ".join(f"{k} ({v})" for k, v in _MIXERS.items()))
+    if m.layer_pattern and set(m.layer_pattern) - {"A"}:
+        try:
+            m.linear_attention.validate()
+        except ValueError as exc:
+            problems.append(str(exc))
+        if p.cp > 1:
+            problems.append(f"parallel.cp={p.cp} with linear-attention layers (model.layer_pattern="
+                            f"{m.layer_pattern!r}) is not supported yet: use parallel.cp=1")
     if m.fp8 is not None:
         if not _transformer_engine_importable():
             problems.append(f"model.fp8={m.fp8}: FP8 needs Transformer Engine on a CUDA GPU, and "
@@ -150,7 +162,7 @@ def validate_static(config: Config) -> None:
         problems.append(f"train.global_batch_size={t.global_batch_size} is not divisible by "
                         f"train.micro_batch_size={t.micro_batch_size}")
     problems += check_data_config(config.data)
-    for section in (config.sandbox, config.rewards):
+    for section in (config.sandbox, config.rewards, config.pipeline):
         try:
             section.validate()
         except ValueError as exc:

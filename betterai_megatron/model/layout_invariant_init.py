@@ -13,7 +13,9 @@ process, so each weight is instead defined by its *canonical* identity:
 Each rank draws only the elements of its own shard: PCG64 can ``advance`` to any position, and normals come from
 Box-Muller on pairs of 53-bit uniforms, so the cost is O(local elements) at any model size. Weights with two or
 more dimensions are drawn N(0, std) — std scaled by 1/sqrt(2 * num_layers) for output projections, as megatron
-does; one-dimensional parameters (norm scales, biases, gates' constants) keep their constructor values.
+does; one-dimensional parameters (norm scales, biases) keep their constructor values. A parameter whose init is
+not a normal (a convolution's uniform taps, Mamba-style decay constants) declares it with the attribute
+``layout_invariant_init``: a function from canonical U(0, 1) draws (a float64 numpy array) to its values.
 
 Hand-written because no library initialises sharded megatron parameters from a layout-free definition.
 """
@@ -49,6 +51,17 @@ def canonical_normal(seed_key: str, start: int, count: int) -> np.ndarray:
     normals[1::2] = radius * np.sin(angle)
     offset = start - 2 * first_pair
     return normals[offset : offset + count]
+
+
+def canonical_uniform(seed_key: str, start: int, count: int) -> np.ndarray:
+    """U(0, 1) draws at canonical positions ``[start, start + count)`` of the stream named ``seed_key``."""
+    seed = int.from_bytes(hashlib.sha256(seed_key.encode()).digest()[:16], "little")
+    bit_generator = np.random.PCG64(seed)
+    bit_generator.advance(start)
+    return ((bit_generator.random_raw(count) >> np.uint64(11)).astype(np.float64) + 0.5) * (2.0**-53)
+
+
+INIT_ATTRIBUTE = "layout_invariant_init"
 
 
 def _canonical_name(chunk: torch.nn.Module, name: str, *, tied_output: bool, experts_per_rank: int) -> str:
@@ -89,17 +102,19 @@ def initialize_layout_invariant(chunks: list[torch.nn.Module], *, seed: int, std
     output_std = std / math.sqrt(2.0 * num_layers)
     for chunk in chunks:
         for name, param in chunk.named_parameters():
-            if param.dim() < 2:
+            custom = getattr(param, INIT_ATTRIBUTE, None)
+            if param.dim() < 2 and custom is None:
                 continue
             canonical = _canonical_name(chunk, name, tied_output=tied_output, experts_per_rank=experts_per_rank)
             ranges, dim, _ = _shard_ranges(param, name, gated_fc1=gated_linear_unit)
             moved = param.movedim(dim, 0)
-            slice_numel = moved[0].numel()
-            pieces = [
-                canonical_normal(f"{seed}:{canonical}", first * slice_numel, count * slice_numel)
-                for first, count in ranges
-            ]
+            slice_numel = moved[0].numel() if moved.dim() > 1 else 1
+            draw = canonical_uniform if custom is not None else canonical_normal
+            pieces = [draw(f"{seed}:{canonical}", first * slice_numel, count * slice_numel) for first, count in ranges]
             values = np.concatenate(pieces).reshape(moved.shape)
-            scale = output_std if any(p in canonical for p in _OUTPUT_PROJECTIONS) else std
-            tensor = torch.from_numpy(values * scale).to(dtype=param.dtype)
+            if custom is not None:
+                values = custom(values)
+            else:
+                values = values * (output_std if any(p in canonical for p in _OUTPUT_PROJECTIONS) else std)
+            tensor = torch.from_numpy(np.asarray(values, dtype=np.float64)).to(dtype=param.dtype)
             param.copy_(tensor.movedim(0, dim).to(param.device))

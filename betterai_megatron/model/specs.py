@@ -57,11 +57,18 @@ def _with_ring_attention(layer_spec: ModuleSpec) -> ModuleSpec:
     return spec
 
 
-def _with_linear_mixer(layer_spec: ModuleSpec, kind: str) -> ModuleSpec:
+def _with_linear_mixer(layer_spec: ModuleSpec, kind: str, model: ModelConfig, use_transformer_engine: bool
+                       ) -> ModuleSpec:
     from betterai_megatron.model.linear_attention import linear_attention_spec
 
     spec = copy.deepcopy(layer_spec)
-    spec.submodules = dataclasses.replace(spec.submodules, self_attention=linear_attention_spec(kind))
+    changes = {"self_attention": linear_attention_spec(kind, model.linear_attention)}
+    if use_transformer_engine:
+        # TE fuses the input norm into linear_qkv (input_layernorm is IdentityOp); a mixer needs a real norm.
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        changes["input_layernorm"] = TENorm
+    spec.submodules = dataclasses.replace(spec.submodules, **changes)
     return spec
 
 
@@ -79,7 +86,7 @@ def decoder_layer_specs(
             spec = _replace_modules(spec, WrappedTorchNorm, SequenceParallelTorchNorm)
         mixer = model.mixer_for_layer(layer_number)
         if mixer != "A":
-            spec = _with_linear_mixer(spec, mixer)
+            spec = _with_linear_mixer(spec, mixer, model, use_transformer_engine)
         elif parallel.cp > 1 and parallel.cp_attention == "ring":
             spec = _with_ring_attention(spec)
         out.append(spec)

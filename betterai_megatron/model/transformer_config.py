@@ -118,6 +118,9 @@ def build_transformer_config(
         gradient_accumulation_fusion=False,
         apply_rope_fusion=False,
         bias_dropout_fusion=False,
+        # Layers with different token mixers have different parameters: checkpoint them per layer (global layer
+        # number in the key) instead of stacked along a layer axis. (megatron-core's field name is misspelled.)
+        hetereogenous_dist_checkpoint=bool(model.layer_pattern and set(model.layer_pattern) - {"A"}),
         deallocate_pipeline_outputs=True,
         # gloo matches point-to-point messages between a pair of ranks by posting order; megatron's batched
         # send/recv posts forward and backward tensors in an order that swaps them when the interleaved

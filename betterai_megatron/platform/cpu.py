@@ -62,11 +62,40 @@ def _to_cpu_device(value):
     return value
 
 
+def _run_backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False, inputs=None):
+    """``torch.autograd.backward`` without torch-function dispatch (megatron's ``custom_backward`` does the same),
+    so that it can run with the CPU bridge active."""
+    tensors = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
+    if grad_tensors is None:
+        grad_tensors = tuple(torch.ones_like(t) if t.numel() == 1 else None for t in tensors)
+    elif isinstance(grad_tensors, torch.Tensor):
+        grad_tensors = (grad_tensors,)
+    inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs or ())
+    torch.autograd.Variable._execution_engine.run_backward(
+        tensors, tuple(grad_tensors), create_graph if retain_graph is None else retain_graph, create_graph, inputs,
+        allow_unreachable=True, accumulate_grad=True)
+
+
 class _CudaToCpuMode(TorchFunctionMode):
     """Rewrites CUDA device arguments of every torch function call to CPU."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
+        if func is torch.Tensor.backward or func is torch.autograd.backward:
+            # The mode is switched off while its handler runs; the backward pass of megatron's autograd functions
+            # allocates on "cuda" too, so run the engine with the mode switched back on.
+            if func is torch.Tensor.backward:
+                tensor, rest = args[0], args[1:]
+                names = ("gradient", "retain_graph", "create_graph", "inputs")
+                call = dict(zip(names, rest), **kwargs)
+                call = {"grad_tensors" if k == "gradient" else k: v for k, v in call.items()}
+                with self:
+                    return _run_backward(tensor, **call)
+            call = dict(zip(("tensors", "grad_tensors", "retain_graph", "create_graph", "grad_variables", "inputs"),
+                            args), **kwargs)
+            call.pop("grad_variables", None)
+            with self:
+                return _run_backward(**call)
         if func is torch.Tensor.cuda:
             return args[0]
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:

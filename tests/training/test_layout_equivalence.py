@@ -15,6 +15,8 @@ from tests.conftest import read_metrics, run_betterai
 STEPS = 5
 DENSE = ["model.preset=tiny", "model.num_layers=4"]
 MOE = ["model.preset=tiny-moe", "model.num_layers=2"]
+QWEN_NEXT_HYBRID = [*DENSE, "model.layer_pattern=GGGA"]  # 3 Gated DeltaNet : 1 softmax attention
+LINEAR_MIX = [*DENSE, "model.layer_pattern=DLGA"]  # DeltaNet, GLA, Gated DeltaNet, softmax
 COMMON = [f"train.steps={STEPS}", "train.micro_batch_size=2", "train.global_batch_size=8", "log.level=WARNING",
           "log.tensorboard=false"]
 
@@ -25,6 +27,10 @@ LAYOUTS = {
     "ep2_moe": (MOE, 2, ["parallel.ep=2"]),
     "tp2_ep2_moe_sp": (MOE, 4, ["parallel.tp=2", "parallel.ep=2"]),
     "tp2_pp2": (DENSE, 4, ["parallel.tp=2", "parallel.pp=2"]),
+    "hybrid_GGGA_tp2": (QWEN_NEXT_HYBRID, 2, ["parallel.tp=2"]),
+    "hybrid_GGGA_pp2": (QWEN_NEXT_HYBRID, 2, ["parallel.pp=2"]),
+    "hybrid_DLGA_tp2": (LINEAR_MIX, 2, ["parallel.tp=2"]),
+    "hybrid_DLGA_pp2": (LINEAR_MIX, 2, ["parallel.pp=2"]),
 }
 
 _reference_cache: dict[str, list[float]] = {}
