@@ -18,6 +18,8 @@ from betterai_megatron.config.model import ModelConfig
 from betterai_megatron.config.parallel import ParallelConfig
 from betterai_megatron.config.run import LogConfig, RunConfig
 from betterai_megatron.config.train import CheckpointConfig, TrainConfig
+from betterai_megatron.eval.evaluate import EvalConfig
+from betterai_megatron.inference.config import GenerationConfig
 from betterai_megatron.pipeline.pipeline_config import PipelineConfig
 from betterai_megatron.rewards.rewards_config import RewardsConfig
 from betterai_megatron.rewards.sandbox_config import SandboxConfig
@@ -40,7 +42,9 @@ class Config:
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
     grpo: GRPOLossConfig = field(default_factory=GRPOLossConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def _resolve_preset(raw: dict) -> dict:
@@ -162,7 +166,7 @@ def validate_static(config: Config) -> None:
         problems.append(f"train.global_batch_size={t.global_batch_size} is not divisible by "
                         f"train.micro_batch_size={t.micro_batch_size}")
     problems += check_data_config(config.data)
-    for section in (config.sandbox, config.rewards, config.pipeline):
+    for section in (config.sandbox, config.rewards, config.pipeline, config.eval):
         try:
             section.validate()
         except ValueError as exc:

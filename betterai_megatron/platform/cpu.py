@@ -105,6 +105,8 @@ class _CudaToCpuMode(TorchFunctionMode):
             return func(*args)
         if "device" in kwargs:
             kwargs["device"] = _to_cpu_device(kwargs["device"])
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False  # pinning needs an accelerator (megatron's CP RoPE slicing asks for it)
         if func is torch.Tensor.to:
             # positional forms: to(device), to(device, dtype), to(dtype), to(other)
             args = (args[0],) + tuple(_to_cpu_device(a) if not isinstance(a, torch.dtype) else a for a in args[1:2]) + tuple(args[2:])

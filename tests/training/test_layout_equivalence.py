@@ -27,6 +27,9 @@ LAYOUTS = {
     "ep2_moe": (MOE, 2, ["parallel.ep=2"]),
     "tp2_ep2_moe_sp": (MOE, 4, ["parallel.tp=2", "parallel.ep=2"]),
     "tp2_pp2": (DENSE, 4, ["parallel.tp=2", "parallel.pp=2"]),
+    "cp2": (DENSE, 2, ["parallel.cp=2"]),  # ring attention, load-balanced causal chunks, GQA (4 heads, 2 groups)
+    "cp4": (DENSE, 4, ["parallel.cp=4"]),
+    "cp2_tp2": (DENSE, 4, ["parallel.cp=2", "parallel.tp=2"]),
     "hybrid_GGGA_tp2": (QWEN_NEXT_HYBRID, 2, ["parallel.tp=2"]),
     "hybrid_GGGA_pp2": (QWEN_NEXT_HYBRID, 2, ["parallel.pp=2"]),
     "hybrid_DLGA_tp2": (LINEAR_MIX, 2, ["parallel.tp=2"]),
