@@ -25,6 +25,7 @@ from betterai_megatron.rewards.rewards_config import RewardsConfig
 from betterai_megatron.rewards.sandbox_config import SandboxConfig
 from betterai_megatron.rl.algo_config import GRPOLossConfig
 from betterai_megatron.rl.rollout import RolloutConfig
+from betterai_megatron.rl.star import StarConfig
 
 _MIXERS = {"A": "softmax attention", "D": "DeltaNet", "L": "GLA", "G": "Gated DeltaNet"}
 
@@ -45,6 +46,7 @@ class Config:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    star: StarConfig = field(default_factory=StarConfig)
 
 
 def _resolve_preset(raw: dict) -> dict:
@@ -165,7 +167,10 @@ def validate_static(config: Config) -> None:
     if t.global_batch_size % t.micro_batch_size:
         problems.append(f"train.global_batch_size={t.global_batch_size} is not divisible by "
                         f"train.micro_batch_size={t.micro_batch_size}")
-    problems += check_data_config(config.data)
+    from betterai_megatron.model.param_count import divisibility_problems
+
+    problems += divisibility_problems(m, p)
+    problems += check_data_config(config.data, require_prefixes=False)  # pretraining checks them itself
     for section in (config.sandbox, config.rewards, config.pipeline, config.eval):
         try:
             section.validate()

@@ -62,10 +62,11 @@ class DataConfig:
     preference: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
 
 
-def check_data_config(config: DataConfig) -> list[str]:
-    """Problems in ``data.*`` that need no files (each names its key); empty when fine."""
+def check_data_config(config: DataConfig, *, require_prefixes: bool = True) -> list[str]:
+    """Problems in ``data.*`` that need no files (each names its key); empty when fine. Stages that do not read
+    indexed data (SFT, GRPO, eval) pass ``require_prefixes=False``."""
     problems = []
-    if not config.mock and not config.prefixes:
+    if require_prefixes and not config.mock and not config.prefixes:
         problems.append("data.prefixes is empty: give indexed dataset prefixes, or set data.mock=true")
     if config.weights is not None:
         if len(config.weights) != len(config.prefixes):

@@ -35,7 +35,7 @@ def no_rope_pattern(model: ModelConfig) -> list[int] | None:
     return None
 
 
-def _moe_kwargs(model: ModelConfig) -> dict:
+def _moe_kwargs(model: ModelConfig, use_transformer_engine: bool) -> dict:
     if not model.is_moe:
         return {}
     moe = model.moe
@@ -53,7 +53,9 @@ def _moe_kwargs(model: ModelConfig) -> dict:
         moe_z_loss_coeff=moe.z_loss_coeff,
         moe_token_dispatcher_type=moe.token_dispatcher,
         moe_expert_capacity_factor=moe.capacity_factor,
-        moe_grouped_gemm=moe.grouped_gemm,
+        # megatron-core's non-TE grouped GEMM needs the optional `grouped_gemm` package: sequential experts there
+        moe_grouped_gemm=moe.grouped_gemm and use_transformer_engine,
+        moe_router_pre_softmax=moe.router_topk == 1 and moe.score_function == "softmax",
         moe_router_dtype=moe.router_dtype,
         moe_permute_fusion=False,
         moe_router_fusion=False,
@@ -128,5 +130,5 @@ def build_transformer_config(
         batch_p2p_comm=torch.cuda.is_available(),
         **recompute,
         **fp8,
-        **_moe_kwargs(model),
+        **_moe_kwargs(model, use_transformer_engine),
     )

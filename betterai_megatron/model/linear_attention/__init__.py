@@ -1,23 +1,26 @@
 """Linear-attention token mixers for the ``self_attention`` slot of megatron-core's ``TransformerLayer``:
-DeltaNet (``D``), GLA (``L``) and Gated DeltaNet (``G``), built through :func:`linear_attention_spec`."""
+DeltaNet (``D``), GLA (``L``) and Gated DeltaNet (``G``), built through :func:`linear_attention_spec`.
 
-from betterai_megatron.model.linear_attention.config import LinearAttentionConfig
-from betterai_megatron.model.linear_attention.deltanet import DeltaNetMixer
-from betterai_megatron.model.linear_attention.gated_deltanet import GatedDeltaNetMixer
-from betterai_megatron.model.linear_attention.gla import GLAMixer
-from betterai_megatron.model.linear_attention.mixer import (
-    LinearAttentionMixer,
-    LinearAttentionSubmodules,
-)
-from betterai_megatron.model.linear_attention.spec import MIXERS, linear_attention_spec
+Names are imported lazily, so that loading a config (which needs only :class:`LinearAttentionConfig`) does not
+import torch and megatron-core."""
 
-__all__ = [
-    "DeltaNetMixer",
-    "GLAMixer",
-    "GatedDeltaNetMixer",
-    "LinearAttentionConfig",
-    "LinearAttentionMixer",
-    "LinearAttentionSubmodules",
-    "MIXERS",
-    "linear_attention_spec",
-]
+import importlib
+
+_EXPORTS = {
+    "LinearAttentionConfig": "config",
+    "DeltaNetMixer": "deltanet",
+    "GatedDeltaNetMixer": "gated_deltanet",
+    "GLAMixer": "gla",
+    "LinearAttentionMixer": "mixer",
+    "LinearAttentionSubmodules": "mixer",
+    "MIXERS": "spec",
+    "linear_attention_spec": "spec",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
