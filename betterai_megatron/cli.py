@@ -14,7 +14,16 @@ import sys
 # command name -> (module path, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("betterai_megatron.training.pretrain_command", "pretrain a megatron-core GPT model"),
+    "sft": ("betterai_megatron.training.sft_command", "supervised fine-tuning on chat data"),
+    "generate": ("betterai_megatron.inference.generate_command", "sample completions for a JSONL of prompts"),
+    "eval": ("betterai_megatron.eval.eval_command", "perplexity and pass@k of a checkpoint"),
+    "pipeline": ("betterai_megatron.pipeline.command", "tokenizer -> preprocess -> pretrain -> SFT -> GRPO -> eval"),
     "model-info": ("betterai_megatron.model.info_command", "parameter counts and memory per GPU for a config"),
+    "eval-code": ("betterai_megatron.eval.code_eval_command", "pass@k of code samples, run in the sandbox"),
+    "preprocess": ("betterai_megatron.data.preprocess.cli", "tokenize code corpora into Megatron .bin/.idx"),
+    "train-tokenizer": ("betterai_megatron.data.tokenizer_training", "train a sentencepiece code tokenizer"),
+    "grpo": ("betterai_megatron.rl.grpo_command", "GRPO on verifiable code rewards (sandboxed tests)"),
+    "star": ("betterai_megatron.rl.star_command", "STaR: sample, keep passing solutions, fine-tune, repeat"),
 }
 
 

@@ -171,7 +171,7 @@ def validate_static(config: Config) -> None:
 
     problems += divisibility_problems(m, p)
     problems += check_data_config(config.data, require_prefixes=False)  # pretraining checks them itself
-    for section in (config.sandbox, config.rewards, config.pipeline, config.eval):
+    for section in (config.sandbox, config.rewards, config.pipeline, config.eval, config.star):
         try:
             section.validate()
         except ValueError as exc:
