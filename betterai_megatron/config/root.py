@@ -165,9 +165,10 @@ def validate_static(config: Config) -> None:
     if t.global_batch_size % t.micro_batch_size:
         problems.append(f"train.global_batch_size={t.global_batch_size} is not divisible by "
                         f"train.micro_batch_size={t.micro_batch_size}")
-    from betterai_megatron.model.param_count import divisibility_problems
+    if not problems:  # the per-tensor split checks assume the basic fields are sane
+        from betterai_megatron.model.param_count import divisibility_problems
 
-    problems += divisibility_problems(m, p)
+        problems += divisibility_problems(m, p)
     problems += check_data_config(config.data, require_prefixes=False)  # pretraining checks them itself
     for section in (config.sandbox, config.rewards, config.pipeline, config.eval, config.star):
         try:
