@@ -26,8 +26,11 @@ from betterai_megatron.training.trainer import (
 logger = logging.getLogger(__name__)
 
 
-def run_pretraining(config: Config) -> TrainingState:
-    """Train for ``train.steps`` optimiser steps; returns the final state (same on every rank)."""
+def run_pretraining(config: Config, *, build_datasets=build_datasets) -> TrainingState:
+    """Train for ``train.steps`` optimiser steps; returns the final state (same on every rank).
+
+    ``build_datasets(config, train_samples=, valid_samples=) -> (train, valid)`` is where samples come from:
+    megatron GPT datasets for pretraining, packed conversations for SFT (:mod:`betterai_megatron.training.sft`)."""
     info = init_distributed(backend=config.parallel.backend)
     validate_layout(config, info.world_size)
     ranks = initialize_parallel(config.parallel, seed=config.train.seed)
