@@ -17,14 +17,15 @@ from betterai_megatron.config import Config, ConfigError, validate_layout
 from betterai_megatron.model.builder import build_model_chunks
 from betterai_megatron.parallel.layout import initialize_parallel
 from betterai_megatron.platform.distributed import init_distributed
-from betterai_megatron.training import checkpoint_files as files
-from betterai_megatron.training.checkpointing import SHARDED_STATE_METADATA, build_sharded_state_dict, model_keys
 
 logger = logging.getLogger(__name__)
 
 
 def load_weights(chunks: list, checkpoint_dir: str | Path) -> Path:
     """Load model weights (only) from the newest complete checkpoint in ``checkpoint_dir`` into ``chunks``."""
+    from betterai_megatron.training import checkpoint_files as files
+    from betterai_megatron.training.checkpointing import SHARDED_STATE_METADATA, build_sharded_state_dict, model_keys
+
     root = Path(checkpoint_dir)
     tracked = files.read_tracker(root)
     if tracked is None:
