@@ -53,14 +53,16 @@ def init_distributed(*, backend: str = "auto", timeout_minutes: float = 10.0) ->
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl" and not torch.cuda.is_available():
         raise RuntimeError("parallel.backend=nccl needs CUDA GPUs; use gloo (or auto) on CPU")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    init_method = None
     if "MASTER_PORT" not in os.environ:
         if world_size > 1:
             raise RuntimeError("MASTER_PORT is not set for a multi-process launch; use torchrun or set it")
-        os.environ["MASTER_PORT"] = str(_free_port())
+        # A single process gets a private port without writing it into os.environ, where child processes
+        # (tests, pipeline stages) would inherit a port this process is still listening on.
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+    dist.init_process_group(backend=backend, rank=rank, world_size=world_size, init_method=init_method,
                             timeout=datetime.timedelta(minutes=timeout_minutes))
     return ProcessInfo(rank, world_size, local_rank, backend)
 
