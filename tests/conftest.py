@@ -42,3 +42,16 @@ def read_metrics(run_dir: Path) -> list[dict]:
 @pytest.fixture
 def tiny_config() -> Path:
     return TINY_CONFIG
+
+
+@pytest.fixture(autouse=True)
+def _no_rendezvous_leak():
+    """Fail the test that leaves MASTER_PORT/MASTER_ADDR in this process's environment.
+
+    Child processes (torchrun jobs, worker scripts) inherit os.environ; a port this process still listens on makes
+    them fail with EADDRINUSE far from the test that leaked it.
+    """
+    before = {k: os.environ.get(k) for k in ("MASTER_PORT", "MASTER_ADDR")}
+    yield
+    after = {k: os.environ.get(k) for k in ("MASTER_PORT", "MASTER_ADDR")}
+    assert after == before, f"test leaked rendezvous variables into os.environ: {before} -> {after}"

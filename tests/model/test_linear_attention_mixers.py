@@ -32,9 +32,8 @@ def megatron_tp1():
 
     created = not dist.is_initialized()
     if created:
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(_free_port())
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        # private rendezvous: never export MASTER_PORT, which child processes would inherit while in use
+        dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{_free_port()}")
     initialized_here = not parallel_state.model_parallel_is_initialized()
     if initialized_here:
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
