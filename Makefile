@@ -24,8 +24,9 @@ demo: setup
 test: setup
 	bash scripts/run_tests.sh $(PYTEST_ARGS)
 
+BENCH ?=
 bench: setup
-	$(PY) -m benchmarks
+	$(PY) -m benchmarks $(BENCH)
 
 clean:
 	rm -rf runs/demo

@@ -3,9 +3,9 @@
 # Installs only what is missing, so a second run costs nothing. Needs root (CI runs as root); without root it
 # says what is missing and carries on, and the tests that need those tools fail loudly.
 set -euo pipefail
-# bubblewrap: sandbox; slurm-wlm + munge: launcher tests; python3-minimal (/usr/bin/python3 runs sandboxed Python),
+# bubblewrap: sandbox; slurm-wlm + munge: launcher tests; shellcheck: launcher script lint; python3-minimal (/usr/bin/python3 runs sandboxed Python),
 # nodejs and g++ (sandboxed JavaScript and C++), libseccomp2 (seccomp filter), util-linux (prlimit, setpriv).
-packages=(bubblewrap slurm-wlm munge python3-minimal nodejs g++ libseccomp2 util-linux)
+packages=(bubblewrap slurm-wlm munge python3-minimal nodejs g++ libseccomp2 util-linux shellcheck)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

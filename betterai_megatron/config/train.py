@@ -48,3 +48,7 @@ class CheckpointConfig:
     load_dir: Optional[str] = None  # start from here when dir holds no checkpoint (e.g. the previous stage)
     save_on_exit: bool = True  # save when training ends (signals and train.exit_duration_mins always save)
     load_optimizer: bool = True  # false: resume weights, schedule and step with fresh optimiser moments
+    # distributed optimizer only: save its state in megatron-core's "fully_reshardable" format (gathered on each
+    # data-parallel rank 0 while saving; loads at any tp/pp/ep) instead of "dp_reshardable" (fully parallel
+    # save, but reshards across data parallelism only). Megatron-LM: --dist-ckpt-optim-fully-reshardable
+    fully_reshardable_optimizer: bool = False
