@@ -23,8 +23,13 @@ logger = logging.getLogger(__name__)
 
 def load_weights(chunks: list, checkpoint_dir: str | Path) -> Path:
     """Load model weights (only) from the newest complete checkpoint in ``checkpoint_dir`` into ``chunks``."""
+    from betterai_megatron.config.train import CheckpointConfig
     from betterai_megatron.training import checkpoint_files as files
-    from betterai_megatron.training.checkpointing import SHARDED_STATE_METADATA, build_sharded_state_dict, model_keys
+    from betterai_megatron.training.checkpointing import (
+        build_sharded_state_dict,
+        model_keys,
+        sharded_state_metadata,
+    )
 
     root = Path(checkpoint_dir)
     tracked = files.read_tracker(root)
@@ -32,7 +37,8 @@ def load_weights(chunks: list, checkpoint_dir: str | Path) -> Path:
         raise ConfigError(f"{root}: no {files.TRACKER_FILENAME} (not a checkpoint directory, or no save completed)")
     path = files.checkpoint_path(root, tracked)
     common = dist_checkpointing.load_common_state_dict(str(path))
-    metadata = {**SHARDED_STATE_METADATA,
+    # the model's sharded keys do not depend on the optimizer part of the metadata; the saved metadata wins
+    metadata = {**sharded_state_metadata(CheckpointConfig(), distributed_optimizer=False),
                 **(dist_checkpointing.load_content_metadata(preloaded_state_dict=common) or {})}
     state_dict = build_sharded_state_dict(chunks=chunks, is_loading=True, metadata=metadata)
     loaded = dist_checkpointing.load(state_dict, str(path))
