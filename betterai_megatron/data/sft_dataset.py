@@ -70,6 +70,10 @@ class SftDataConfig:
     overlong: Literal["truncate", "drop"] = "truncate"  # conversations longer than seq_length + 1 tokens
     skip_bad_records: bool = False  # False: the first bad record stops with file:line; True: log, count, skip
     create_attention_mask: bool = False  # add attention_mask [1, s, s] (local attention path; O(s^2) memory)
+    # True: the SFT stage writes the built-in demo conversations to data.sft.paths (one .jsonl) and trains a
+    # tokenizer on the built-in corpus to data.tokenizer_model when those files do not exist yet (no download;
+    # betterai_megatron.training.sft.ensure_builtin_sft_data). For CPU demos such as examples/configs/tiny_sft.yaml.
+    builtin_if_missing: bool = False
 
 
 class RecordError(ValueError):
