@@ -143,9 +143,13 @@ def validate_static(config: Config) -> None:
             m.linear_attention.validate()
         except ValueError as exc:
             problems.append(str(exc))
-        if p.cp > 1:
-            problems.append(f"parallel.cp={p.cp} with linear-attention layers (model.layer_pattern="
-                            f"{m.layer_pattern!r}) is not supported yet: use parallel.cp=1")
+        halo = m.linear_attention.conv_kernel_size - 1  # tokens a CP chunk's convolution takes from before it
+        convolved = bool(set(m.layer_pattern) & {"D", "G"}) or (
+            "L" in m.layer_pattern and m.linear_attention.gla_short_conv)
+        if p.cp > 1 and convolved and t.seq_length // (2 * p.cp) < halo:
+            problems.append(f"train.seq_length={t.seq_length} with parallel.cp={p.cp} gives CP chunks of "
+                            f"{t.seq_length // (2 * p.cp)} tokens, fewer than model.linear_attention."
+                            f"conv_kernel_size - 1 = {halo} (the short convolution's halo comes from one chunk)")
     if m.fp8 is not None:
         if not _transformer_engine_importable():
             problems.append(f"model.fp8={m.fp8}: FP8 needs Transformer Engine on a CUDA GPU, and "

@@ -19,6 +19,10 @@ would make rank ``j``'s chunk wait for every earlier chunk -- with the load-bala
    and every rank scans ``S_{c+1} = A_c S_c + B_c`` over the chunks in sequence order (``2N`` small matmuls).
 3. Each local chunk's output is corrected: ``o = o(0) + Qeff S_c``.
 
+Memory per token and value head beyond the single-rank kernel: ``K`` more value columns saved by the kernel
+and the fp32 ``Qeff`` (``K`` values) saved for the correction (what ``model-info`` adds for CP); the summaries
+and states have no token dimension.
+
 Autograd flows through the kernels, the scan and the gather (whose backward sums every rank's gradient for a
 chunk's summary and hands it to the chunk's owner: one all-reduce of the summaries' size). In exact arithmetic
 this equals the single-rank recurrence; in fp32 it differs by rounding only (tests: 1e-5 relative).
@@ -130,7 +134,9 @@ def cp_linear_recurrence(
     states = scan_chunk_states(summaries, value_dim=value_dim, cp_size=cp_size)
     rank = dist.get_rank(cp_group)
     mine = torch.cat([states[rank], states[2 * cp_size - 1 - rank]])  # [2B, HV, K, V]
-    correction = torch.einsum("blhk,bhkv->blhv", q_eff.float(), mine)
+    # a compact fp32 copy: the einsum saves it for backward, and a view would keep all of o_aug alive instead
+    q_eff = q_eff.float().contiguous()
+    correction = torch.einsum("blhk,bhkv->blhv", q_eff, mine)
     return _unfold((o_zero.float() + correction).to(o_aug.dtype))
 
 

@@ -33,7 +33,10 @@ copies per token — balanced routing assumed — gathered over etp, and shared 
 fp32 WY matrix ``A`` of ``C`` values per token and head, GLA's fp32 cumulative decay; the per-chunk states are
 recomputed in the backward); fused "flash" attention (Transformer Engine, or ring attention
 with context parallelism) stores no ``s x s`` scores, only an fp32 log-sum-exp per query and head. Context
-parallelism divides every term by ``cp`` (each rank holds ``s / cp`` tokens of every sequence).
+parallelism divides every term by ``cp`` (each rank holds ``s / cp`` tokens of every sequence); a linear-attention
+layer under CP also keeps, per token and value head, ``K`` more value columns in its kernel and an fp32
+state-to-output map of ``K`` values (the cross-rank state correction of :mod:`betterai_megatron.kernels.
+cp_linear_attention`), so its share falls slightly slower than ``1 / cp``.
 
 Pipeline schedule (Korthikanti sec. 4.2.3; Narayanan et al. 2021, sec. 2.2): 1F1B keeps ``min(pp - r, M)``
 micro-batches in flight on stage ``r`` (``M`` micro-batches per step), so stage 0 holds ``pp`` micro-batches of
@@ -183,6 +186,9 @@ def _linear_attention_bytes(model: ModelConfig, kind: str, shape: ActivationShap
         total += shape.tp_region(heads * z["key_head_dim"]) * 4  # fp32 cumulative log-decay per key channel
     else:  # delta rule: the chunk's WY matrix A, C fp32 values per token and value head (fla saves it)
         total += shape.tp_region(z["value_heads"] * z["chunk_size"]) * 4
+    if shape.cp > 1:  # CP kernels (kernels/cp_linear_attention.py): values widened by K identity columns, and the
+        # fp32 state-to-output map Qeff [tokens, value heads, K] kept for the cross-rank correction o += Qeff S
+        total += shape.tp_region(z["value_heads"] * z["key_head_dim"]) * (p + 4)
     return total
 
 

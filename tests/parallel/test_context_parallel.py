@@ -75,3 +75,17 @@ def test_activation_estimate_falls_as_one_over_cp():
     # q, out: 8192*8*64*2 B each; k, v: 8192*2*64*2 B each; lse: 8192*8*4 B
     assert one == 2 * 8192 * 8 * 64 * 2 + 2 * 8192 * 2 * 64 * 2 + 8192 * 8 * 4
     assert ring_attention_activation_bytes(cp_size=4, **kwargs) * 4 == one
+
+
+def test_hybrid_patterns_load_with_cp_and_chunks_shorter_than_the_conv_halo_are_refused():
+    from betterai_megatron.config import load_config
+    from betterai_megatron.config.loader import ConfigError
+
+    base = ["model.preset=tiny", "model.num_layers=4", "parallel.cp=4"]
+    for pattern in ("GGGA", "DLGA", "LA"):  # 64 tokens / (2 * 4) = chunks of 8 >= halo of 3
+        assert load_config(None, [*base, f"model.layer_pattern={pattern}", "train.seq_length=64"]).parallel.cp == 4
+    # 16 / 8 = chunks of 2 < conv_kernel_size - 1 = 3: a chunk's halo would need tokens from two chunks back
+    with pytest.raises(ConfigError, match=r"train.seq_length=16 with parallel.cp=4 .*linear_attention.conv_kernel_size - 1 = 3"):
+        load_config(None, [*base, "model.layer_pattern=GGGA", "train.seq_length=16"])
+    # GLA without its optional short convolution needs no halo
+    assert load_config(None, [*base, "model.layer_pattern=LA", "train.seq_length=16"]).train.seq_length == 16

@@ -34,6 +34,11 @@ LAYOUTS = {
     "hybrid_GGGA_pp2": (QWEN_NEXT_HYBRID, 2, ["parallel.pp=2"]),
     "hybrid_DLGA_tp2": (LINEAR_MIX, 2, ["parallel.tp=2"]),
     "hybrid_DLGA_pp2": (LINEAR_MIX, 2, ["parallel.pp=2"]),
+    # CP through linear-attention layers: conv halo + recurrent state across ranks, ring attention for the A layer
+    "hybrid_GGGA_cp2": (QWEN_NEXT_HYBRID, 2, ["parallel.cp=2"]),
+    "hybrid_GGGA_cp4": (QWEN_NEXT_HYBRID, 4, ["parallel.cp=4"]),
+    "hybrid_GGGA_cp2_tp2": (QWEN_NEXT_HYBRID, 4, ["parallel.cp=2", "parallel.tp=2"]),
+    "hybrid_DLGA_cp4": (LINEAR_MIX, 4, ["parallel.cp=4"]),
 }
 
 _reference_cache: dict[str, list[float]] = {}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from betterai_megatron.kernels import chunk_delta_rule, fused_recurrent_delta_rule
+from betterai_megatron.kernels.cp_linear_attention import cp_chunk_delta_rule
 from betterai_megatron.model.linear_attention.mixer import LinearAttentionMixer
 
 
@@ -34,6 +35,9 @@ class DeltaNetMixer(LinearAttentionMixer):
                 q, k, v, beta, initial_state=initial_state, output_final_state=output_final_state,
                 use_qk_l2norm_in_kernel=True,
             )
+        if self.cp_group is not None:  # recurrent state passed across the CP ranks
+            return cp_chunk_delta_rule(q, k, v, beta, cp_group=self.cp_group, use_qk_l2norm_in_kernel=True,
+                                       chunk_size=self.linear_config.chunk_size), None
         return chunk_delta_rule(
             q, k, v, beta, initial_state=initial_state, output_final_state=output_final_state,
             use_qk_l2norm_in_kernel=True, chunk_size=self.linear_config.chunk_size,

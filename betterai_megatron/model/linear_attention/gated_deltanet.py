@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from betterai_megatron.kernels import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+from betterai_megatron.kernels.cp_linear_attention import cp_chunk_gated_delta_rule
 from betterai_megatron.model.linear_attention.mixer import LinearAttentionMixer
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
@@ -67,5 +68,9 @@ class GatedDeltaNetMixer(LinearAttentionMixer):
                       use_qk_l2norm_in_kernel=True)
         if step:
             return fused_recurrent_gated_delta_rule(parts["q"], parts["k"], v, g=g, beta=beta, **kwargs)
+        if self.cp_group is not None:  # recurrent state passed across the CP ranks
+            return cp_chunk_gated_delta_rule(parts["q"], parts["k"], v, g, beta, cp_group=self.cp_group,
+                                             use_qk_l2norm_in_kernel=True,
+                                             chunk_size=self.linear_config.chunk_size), None
         return chunk_gated_delta_rule(parts["q"], parts["k"], v, g, beta, chunk_size=self.linear_config.chunk_size,
                                       **kwargs)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 
 from betterai_megatron.kernels import chunk_gla, fused_recurrent_gla
+from betterai_megatron.kernels.cp_linear_attention import cp_chunk_gla
 from betterai_megatron.model.linear_attention.mixer import LinearAttentionMixer
 
 
@@ -59,5 +60,8 @@ class GLAMixer(LinearAttentionMixer):
         if step:
             return fused_recurrent_gla(q, k, v, gk=gk.to(q.dtype), initial_state=initial_state,
                                        output_final_state=output_final_state)
+        if self.cp_group is not None:  # recurrent state passed across the CP ranks
+            return cp_chunk_gla(q, k, v, gk.to(q.dtype), cp_group=self.cp_group,
+                                chunk_size=self.linear_config.chunk_size), None
         return chunk_gla(q, k, v, gk.to(q.dtype), initial_state=initial_state, output_final_state=output_final_state,
                          chunk_size=self.linear_config.chunk_size)

@@ -24,6 +24,13 @@ What this class owns
   ``sequence_len_offset == 0`` starts a fresh sequence (prefill, chunked kernel, stored states);
   a later call continues from the stored states: one token per row runs the recurrent step, more tokens run
   the chunked kernel from the stored state.
+* Context parallelism (``context_parallel_size > 1``; group from ``pg_collection.cp``, else megatron's). The
+  layer input holds this rank's two load-balanced chunks (``i`` and ``2 cp - 1 - i``, see
+  :mod:`betterai_megatron.parallel.context_parallel`). The short convolution of each chunk takes the
+  ``width - 1`` tokens that precede it from the rank holding them (a halo), and the recurrence passes chunk
+  states across the CP group (per-chunk summaries, a scan, a correction; :mod:`betterai_megatron.kernels.
+  cp_linear_attention`), so a CP run computes what one rank computes on the whole sequence, forward and
+  backward. Projections, norm and gate are per token and need nothing. Generation with CP is refused.
 * ``sharded_state_dict`` for megatron's distributed checkpointing (the directly held parameters are TP-sharded
   along dim 0).
 
@@ -56,7 +63,7 @@ from megatron.core.transformer.utils import (
 
 from betterai_megatron.model.layout_invariant_init import INIT_ATTRIBUTE
 from betterai_megatron.model.linear_attention.config import LinearAttentionConfig
-from betterai_megatron.model.linear_attention.short_conv import causal_short_conv
+from betterai_megatron.model.linear_attention.short_conv import causal_short_conv, cp_causal_short_conv
 
 # Parameters whose constructor initialisation is meaningful (norm scales, conv taps, decay rates): a
 # re-initialiser that draws every >= 2-D weight from N(0, std) should skip them.
@@ -92,17 +99,13 @@ class LinearAttentionMixer(MegatronModule):
         self.layer_number = layer_number
         self.linear_config = linear_config = linear_config or LinearAttentionConfig()
         linear_config.validate()
-        if config.context_parallel_size > 1:
-            raise NotImplementedError(
-                f"{type(self).__name__} (layer {layer_number}): context parallelism is not supported for "
-                "linear-attention layers; use context_parallel_size=1"
-            )
         self.tp_group = (
             pg_collection.tp
             if pg_collection is not None and hasattr(pg_collection, "tp")
             else parallel_state.get_tensor_model_parallel_group()
         )
         self.tp_size = self.tp_group.size()
+        self.cp_group = self._context_parallel_group(config, pg_collection)
         self._resolve_sizes(config, linear_config)
 
         self.group_layout = self._layout()  # [(name, width)] per key head
@@ -163,6 +166,20 @@ class LinearAttentionMixer(MegatronModule):
         self.local_key_heads = self.num_key_heads // self.tp_size
         self.local_value_heads = self.num_value_heads // self.tp_size
 
+    def _context_parallel_group(self, config: TransformerConfig, pg_collection):
+        """The CP group (``pg_collection.cp``, else megatron's), or None without context parallelism."""
+        if config.context_parallel_size == 1:
+            return None
+        group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
+        group = group if group is not None else parallel_state.get_context_parallel_group(check_initialized=False)
+        if group is None or group.size() != config.context_parallel_size:
+            raise ValueError(
+                f"{type(self).__name__} (layer {self.layer_number}): context_parallel_size="
+                f"{config.context_parallel_size} but the CP process group has "
+                f"{'no members' if group is None else group.size()} ranks"
+            )
+        return group
+
     def _local_parameter(self, name: str, *shape: int, init=None) -> torch.nn.Parameter:
         """Register ``name``: a TP-sharded (dim 0) parameter held by this module, set in reset_parameters;
         ``init`` (U(0,1) draws -> values) is its distribution for the layout-invariant initialiser."""
@@ -196,7 +213,9 @@ class LinearAttentionMixer(MegatronModule):
 
     def _mix(self, parts: dict, hidden_states: torch.Tensor, *, initial_state, step: bool, output_final_state: bool):
         """Subclass hook: the recurrence. parts: name -> ``[b, s, local_key_heads, width]``.
-        Returns ``o [b, s, local_value_heads, value_head_dim]`` and the final state (or None)."""
+        Returns ``o [b, s, local_value_heads, value_head_dim]`` and the final state (or None). With context
+        parallelism (``self.cp_group`` set) ``s`` is this rank's two load-balanced chunks and the hook runs the
+        CP kernel of :mod:`betterai_megatron.kernels.cp_linear_attention` (final state None)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ forward
@@ -223,6 +242,9 @@ class LinearAttentionMixer(MegatronModule):
             raise NotImplementedError(f"{type(self).__name__}: packed sequences (THD) are not supported")
         if key_value_states is not None:
             raise ValueError(f"{type(self).__name__} is a self-attention mixer; key_value_states must be None")
+        if self.cp_group is not None and inference_context is not None:
+            raise NotImplementedError(f"{type(self).__name__} (layer {self.layer_number}): generation with "
+                                      "context parallelism is not supported")
         projected, _ = self.in_proj(hidden_states)  # [s, b, local_key_heads * group_width]
         seq, batch = projected.shape[:2]
         grouped = projected.transpose(0, 1).reshape(batch, seq, self.local_key_heads, self.group_width)
@@ -242,12 +264,16 @@ class LinearAttentionMixer(MegatronModule):
         return self.out_proj(o)
 
     def _convolve(self, parts: dict, state):
-        """Short conv + SiLU over the concatenated per-head [q | k | v] channels."""
+        """Short conv + SiLU over the concatenated per-head [q | k | v] channels (with CP: each local chunk
+        convolved after the tokens that precede it in the whole sequence)."""
         names = self.conv_parts
         joined = torch.cat([parts[n] for n in names], dim=-1)  # [b, s, G, conv_group_width]
         batch, seq = joined.shape[:2]
         channels_first = joined.reshape(batch, seq, -1).transpose(1, 2)
-        mixed, new_state = causal_short_conv(channels_first, self.conv_weight, state)
+        if self.cp_group is None:
+            mixed, new_state = causal_short_conv(channels_first, self.conv_weight, state)
+        else:
+            mixed, new_state = cp_causal_short_conv(channels_first, self.conv_weight, cp_group=self.cp_group), None
         mixed = mixed.transpose(1, 2).reshape(joined.shape)
         widths = dict(self.group_layout)
         parts = dict(parts)

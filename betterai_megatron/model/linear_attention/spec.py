@@ -9,9 +9,10 @@ The rest of the layer (input norm, residuals, MLP or MoE) is untouched. The mixe
 ``TransformerConfig``: ``hidden_size``, ``num_attention_heads`` and ``kv_channels`` (head count and sizes unless
 ``LinearAttentionConfig`` overrides them), ``layernorm_epsilon`` (output norm), ``init_method`` /
 ``output_layer_init_method``, ``add_bias_linear`` (``out_proj`` bias), ``params_dtype``, ``sequence_parallel``,
-``perform_initialization``; ``context_parallel_size`` must be 1. With Transformer Engine layer specs, whose
-``input_layernorm`` is an ``IdentityOp`` (the norm is fused into ``linear_qkv``), set ``input_layernorm`` to a real
-norm for linear-attention layers.
+``perform_initialization`` and ``context_parallel_size`` (CP: the recurrent state and the convolution halo
+cross the CP group, see :mod:`~betterai_megatron.model.linear_attention.mixer`). With Transformer Engine layer
+specs, whose ``input_layernorm`` is an ``IdentityOp`` (the norm is fused into ``linear_qkv``), set
+``input_layernorm`` to a real norm for linear-attention layers.
 """
 
 from __future__ import annotations
