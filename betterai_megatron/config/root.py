@@ -24,6 +24,7 @@ from betterai_megatron.pipeline.pipeline_config import PipelineConfig
 from betterai_megatron.rewards.rewards_config import RewardsConfig
 from betterai_megatron.rewards.sandbox_config import SandboxConfig
 from betterai_megatron.rl.algo_config import GRPOLossConfig
+from betterai_megatron.rl.rollout import RolloutConfig
 from betterai_megatron.rl.star import StarConfig
 
 _MIXERS = {"A": "softmax attention", "D": "DeltaNet", "L": "GLA", "G": "Gated DeltaNet"}
@@ -41,6 +42,7 @@ class Config:
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
     grpo: GRPOLossConfig = field(default_factory=GRPOLossConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

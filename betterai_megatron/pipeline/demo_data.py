@@ -7,7 +7,8 @@ library (:mod:`betterai_megatron.data.builtin_corpus`) this writes, under one di
   function (prompt + reference solution), repeated ``task_repeats`` times, plus a slice of stdlib sources so the
   tokenizer and model see real Python;
 * ``sft.jsonl`` — chat conversations in the reasoning format the RL stage prompts with: the user asks for the
-  function, the assistant answers ``<think>`` a one-line plan ``</think>`` and one fenced code block;
+  function, the assistant answers ``<think>`` what to compute ``</think>`` and one fenced code block holding the
+  function's ``def`` line and body;
 * ``problems_train.jsonl`` / ``problems_eval.jsonl`` — the task split: GRPO trains on the first, evaluation
   measures pass@k on the held-out second (no task appears in both).
 """
@@ -24,9 +25,6 @@ from betterai_megatron.data.chat_template import format_reasoning_response
 from betterai_megatron.data.problems.generator import generate_problems
 from betterai_megatron.data.problems.jsonl_io import write_problems_jsonl
 from betterai_megatron.data.problems.problem import Problem
-
-USER_TEMPLATE = "Complete the following Python function.\n```python\n{prompt}```"
-
 
 @dataclass
 class DemoDataConfig:
@@ -45,15 +43,27 @@ class DemoDataConfig:
 
 
 def user_message(problem: Problem) -> str:
-    """The user turn that asks for ``problem`` (shared by SFT data, GRPO rollouts and evaluation)."""
-    return USER_TEMPLATE.format(prompt=problem.prompt)
+    """The user turn that asks for ``problem``: the one GRPO rollouts ask with
+    (:func:`betterai_megatron.rl.rollout.problem_user_message`), so that SFT data, rollouts and evaluation agree."""
+    from betterai_megatron.rl.rollout import problem_user_message  # imports torch: only when asked
+
+    return problem_user_message(problem)
 
 
 def plan_for(problem: Problem) -> str:
-    """A short reasoning text for the SFT answer: the docstring's first sentence, restated as a plan."""
+    """The reasoning of the SFT answer: the docstring's first sentence (what to compute), kept short because every
+    token of it is generated again in each GRPO rollout and evaluation sample."""
     docstring = problem.prompt.split('"""')[1] if '"""' in problem.prompt else problem.entry_point
-    first = docstring.strip().splitlines()[0].rstrip(".")
-    return f"The function {problem.entry_point} should {first[0].lower() + first[1:]}. One expression does it."
+    return docstring.strip().splitlines()[0].strip()
+
+
+def solution_code(problem: Problem) -> str:
+    """The code block of the SFT answer: the function's header (anything before it, and its ``def`` line) and the
+    reference body, without the docstring the user already wrote. The reward runs ``problem.prompt + code``, so this
+    definition replaces the stub."""
+    lines = problem.prompt.splitlines()
+    header = next((i for i, line in enumerate(lines) if line.lstrip().startswith("def ")), len(lines) - 1)
+    return "\n".join(lines[: header + 1]) + "\n" + (problem.canonical_solution or "    pass\n").rstrip("\n")
 
 
 def split_tasks(config: DemoDataConfig) -> tuple[list[Problem], list[Problem]]:
@@ -85,7 +95,7 @@ def write_demo_data(out_dir: str | Path, config: DemoDataConfig | None = None) -
             handle.write(json.dumps({"text": text, "lang": "python"}) + "\n")
     with open(paths["sft"], "w") as handle:
         for problem in train:
-            answer = format_reasoning_response(plan_for(problem), problem.prompt + (problem.canonical_solution or ""))
+            answer = format_reasoning_response(plan_for(problem), solution_code(problem), language=problem.language)
             messages = [{"role": "user", "content": user_message(problem)},
                         {"role": "assistant", "content": answer}]
             handle.write(json.dumps({"messages": messages}) + "\n")

@@ -167,7 +167,7 @@ def build_sharded_state_dict(*, chunks: list, optimizer=None, scheduler=None, tr
     return state_dict
 
 
-def _use_forked_results_queue() -> None:
+def start_checkpoint_results_queue() -> None:
     """Give dist_checkpointing's writer a results queue served by a *forked* manager process.
 
     megatron-core creates it lazily, at the first save, with a *spawned* ``multiprocessing.Manager``; the first
@@ -176,6 +176,10 @@ def _use_forked_results_queue() -> None:
     shared cluster file system). A forked manager already has torch imported, and dies with the trainer even on
     SIGKILL (megatron's spawned one is orphaned then). Private attribute, hence guarded:
     if megatron-core renames it, saves still work, only the first one is slower again.
+
+    Idempotent. A stage that starts long-lived children with pipes (the sandbox server) calls it *before* starting
+    them: the forked manager would otherwise inherit their pipe ends and keep them open (the sandbox's stdin then
+    never reaches EOF and its shutdown waits for a timeout).
     """
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
@@ -295,7 +299,7 @@ class Checkpointer:
             path.mkdir(parents=True, exist_ok=True)
         dist.barrier()
         start = time.perf_counter()
-        _use_forked_results_queue()
+        start_checkpoint_results_queue()
         state_dict = build_sharded_state_dict(
             chunks=chunks, optimizer=optimizer, scheduler=scheduler, rng=True,
             training_state={k: training_state[k] for k in TRAINING_STATE_KEYS},

@@ -5,7 +5,10 @@ import math
 import pytest
 import torch
 
-from betterai_megatron.rl.advantages import ADVANTAGE_ESTIMATORS, compute_outcome_advantages
+from betterai_megatron.rl.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    compute_outcome_advantages,
+)
 
 SQRT3 = math.sqrt(3.0)
 

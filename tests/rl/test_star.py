@@ -33,7 +33,7 @@ NEG = Problem(task_id="t/neg", prompt='def neg(x):\n    """Return minus x."""\n'
 NO_REF = Problem(task_id="t/noref", prompt="def f(x):\n", tests="def check(candidate):\n    pass\n",
                  entry_point="f")
 
-USER_ADD = 'Complete the following Python function.\n```python\ndef add(a, b):\n    """Return a plus b."""\n```'
+USER_ADD = 'Complete this python function.\n```python\ndef add(a, b):\n    """Return a plus b."""\n```'
 GOOD = "<think>add them</think>\n```python\ndef add(a, b):\n    return a + b\n```"
 GOOD_CANONICAL = "<think>\nadd them\n</think>\n```python\ndef add(a, b):\n    return a + b\n```"
 OTHER = "<think>\nuse sum\n</think>\n```python\ndef add(a, b):\n    return sum((a, b))\n```"
