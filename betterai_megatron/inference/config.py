@@ -4,8 +4,8 @@ Two plain dataclasses, checked on construction (errors name the dotted key):
 
 * :class:`SamplingParams` -- how tokens are chosen (temperature, top-k, top-p, stops, budget, seed). It can also
   be built per call, e.g. GRPO rollouts and HumanEval use different temperatures with the same engine.
-* :class:`GenerationConfig` -- how the engine runs (batch size, KV cache on/off, dropping finished rows) and the
-  default :class:`SamplingParams` under ``generation.sampling``.
+* :class:`GenerationConfig` -- how the engine runs (batch size, KV cache on/off, dropping finished rows, prefix
+  sharing) and the default :class:`SamplingParams` under ``generation.sampling``.
 
 YAML shape::
 
@@ -80,6 +80,10 @@ class GenerationConfig:
     # Remove finished rows from the active batch (and from the KV cache / recurrent states). Only turned off
     # to measure what it saves.
     drop_finished_rows: bool = True
+    # Rows of a batch that share a prompt prefix (equal prompts, continuations of one trajectory prefix) compute
+    # it once and fork the cached state where their tokens diverge (context.py ``fork_rows``). Same tokens and
+    # log-probs as without; False only to measure what it saves. Needs use_kv_cache.
+    share_prompt_prefixes: bool = True
     sampling: SamplingParams = field(default_factory=SamplingParams)
 
     def __post_init__(self) -> None:

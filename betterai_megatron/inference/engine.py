@@ -17,6 +17,14 @@ or a recurrent state):
 3. a row finishes on the end-of-document token, a stop string, or ``max_new_tokens``; it is then removed from
    the batch, from the KV cache and from every recurrent state (``GenerationContext.keep_rows``).
 
+Prefix sharing (``GenerationConfig.share_prompt_prefixes``, with the cache): rows that agree on every token fed
+so far share one *cache row* (prompts are ordered so that equal prompts and common prefixes share a batch). When
+their next inputs differ -- prompts that diverge, or samples that differ -- the cache row is forked
+(``GenerationContext.fork_rows`` with repeated indices) into one row per distinct input, so e.g. the
+``samples_per_prompt`` copies of a GRPO prompt, or the continuations of one tree-rollout prefix, prefill their
+shared part once. Each row still samples with its own generator from the logits of its cache row, so tokens and
+log-probs are those of unshared decoding; ``GenerationResult.prompt_tokens_computed`` counts what was computed.
+
 With ``use_kv_cache=False`` the same loop recomputes the whole prefix ``[0, p]`` at every step without an
 inference context: the O(n^2) reference that tests compare the cache against.
 
@@ -128,7 +136,8 @@ class GenerationEngine:
             raise ValueError(f"{len(prompts)} prompts but {len(indices)} prompt_indices")
         self._validate_prompts(prompts, indices, sampling)
         # Group prompts of similar length: fewer forced steps per batch. Results do not depend on the grouping.
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        # Equal prompts / common prefixes end up next to each other (one batch), where their prefix is shared.
+        order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), prompts[i]))
         results: list[GenerationResult | None] = [None] * len(prompts)
         self.last_stats = GenerationStats()
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -184,32 +193,62 @@ class GenerationEngine:
         if self.config.use_kv_cache:
             context = GenerationContext(max_batch_size=batch_size, max_sequence_length=total_length, kv_layer_numbers=self._kv_layers)
         rows = _RowState(prompts, indices, sampling, self.tokenizer)
-        active = torch.arange(batch_size, device=device)  # batch rows still computed, in cache order
+        # members[c]: the batch rows that cache row c stands for (they agree on every token fed so far).
+        share = context is not None and self.config.share_prompt_prefixes
+        members = [list(range(batch_size))] if share else [[row] for row in range(batch_size)]
         position = min(lengths)  # the position whose token the next forward predicts
         new_from = 0  # first position not yet in the cache
         while True:
             step_start, step_cpu_start = time.perf_counter(), time.process_time()
-            logits = self._next_token_logits(tokens, active, new_from, position, context)
-            sampling_mask = (lengths_t[active] <= position) & ~rows.done_mask(active)
-            chosen, log_probs = self._choose(logits[sampling_mask], active[sampling_mask].tolist(), rows, sampling)
-            sampled_rows = active[sampling_mask]
+            if share:
+                members = self._fork_diverging_rows(members, tokens, new_from, position, context)
+            logical = torch.tensor([row for m in members for row in m], device=device)
+            cache_row = torch.tensor([c for c, m in enumerate(members) for _ in m], device=device)
+            representatives = torch.tensor([m[0] for m in members], device=device)
+            logits = self._next_token_logits(tokens, representatives, new_from, position, context)
+            rows.count_prompt_tokens(members, new_from=new_from if context is not None else 0, position=position)
+            sampling_mask = (lengths_t[logical] <= position) & ~rows.done_mask(logical)
+            sampled_rows = logical[sampling_mask]
+            chosen, log_probs = self._choose(logits[cache_row[sampling_mask]], sampled_rows.tolist(), rows, sampling)
             tokens[sampled_rows, position] = chosen
             rows.record(sampled_rows.tolist(), chosen.tolist(), log_probs.tolist())
-            self._record_step(position, active.numel(), time.perf_counter() - step_start,
+            self._record_step(position, len(members), time.perf_counter() - step_start,
                               time.process_time() - step_cpu_start)
-            keep = ~rows.done_mask(active)
-            if not bool(keep.any()):
+            live = [[row for row in m if not rows.is_done(row)] for m in members]
+            if not any(live):
                 break
-            if self.config.drop_finished_rows and not bool(keep.all()):
-                keep_indices = torch.nonzero(keep).squeeze(-1)
-                if context is not None:
-                    context.keep_rows(keep_indices)
-                active = active[keep_indices]
+            if self.config.drop_finished_rows:
+                keep = [c for c, m in enumerate(live) if m]
+                if context is not None and len(keep) < len(members):
+                    context.keep_rows(torch.tensor(keep, dtype=torch.long))
+                members = [live[c] for c in keep]
             new_from = position
             position += 1
-            if context is not None and bool((lengths_t[active] <= position).all()):
+            live_rows = torch.tensor([row for m in live for row in m], device=device)
+            if context is not None and bool((lengths_t[live_rows] <= position).all()):
                 context.enable_decode_mode()  # every live row is past its prompt (megatron's decode phase)
+        self.last_stats.prompt_tokens_computed += sum(rows.prompt_tokens_computed)
         return rows.results()
+
+    @staticmethod
+    def _fork_diverging_rows(members: list[list[int]], tokens: torch.Tensor, new_from: int, position: int,
+                             context: GenerationContext) -> list[list[int]]:
+        """Split every cache row whose member rows are about to be fed different tokens ``[new_from, position)``:
+        the cache row is forked (``context.fork_rows``) once per distinct input, so the prefix they shared stays
+        computed once. Returns the new members, in the new cache order."""
+        if all(len(m) == 1 for m in members):
+            return members
+        inputs = tokens[:, new_from:position]
+        new_members, sources = [], []
+        for cache_row, rows in enumerate(members):
+            by_input: dict[tuple[int, ...], list[int]] = {}
+            for row in rows:
+                by_input.setdefault(tuple(inputs[row].tolist()), []).append(row)
+            new_members.extend(by_input.values())
+            sources.extend([cache_row] * len(by_input))
+        if len(new_members) != len(members):
+            context.fork_rows(torch.tensor(sources, dtype=torch.long))
+        return new_members
 
     def _next_token_logits(self, tokens: torch.Tensor, active: torch.Tensor, new_from: int, position: int,
                            context: GenerationContext | None) -> torch.Tensor:
@@ -305,6 +344,17 @@ class _RowState:
         self.finished: list[GenerationResult | None] = [None] * len(prompts)
         self.matchers = [StopStringMatcher(sampling.stop_strings, tokenizer.detokenize) for _ in prompts]
         self._done = torch.zeros(len(prompts), dtype=torch.bool)
+        self.prompt_tokens_computed = [0] * len(prompts)
+
+    def is_done(self, row: int) -> bool:
+        return self.finished[row] is not None
+
+    def count_prompt_tokens(self, members: list[list[int]], *, new_from: int, position: int) -> None:
+        """Charge the prompt tokens a step fed through the model: per cache row, the positions of
+        ``[new_from, position)`` that are a prompt token of one of its rows, charged to its first row."""
+        for rows in members:
+            prompt_end = max(len(self.prompts[row]) for row in rows)
+            self.prompt_tokens_computed[rows[0]] += max(0, min(position, prompt_end) - new_from)
 
     def done_mask(self, rows: torch.Tensor) -> torch.Tensor:
         return self._done.to(rows.device)[rows]
@@ -332,4 +382,6 @@ class _RowState:
 
     def results(self) -> list[GenerationResult]:
         assert all(r is not None for r in self.finished)
+        for result, computed in zip(self.finished, self.prompt_tokens_computed):
+            result.prompt_tokens_computed = computed  # final: a row may be charged after it finished
         return list(self.finished)

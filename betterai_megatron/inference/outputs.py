@@ -27,6 +27,10 @@ class GenerationResult:
     text: str
     finish_reason: FinishReason
     stop_string: str | None = None
+    # Prompt tokens the engine fed through the model for this row. A prefix shared with other rows of its batch
+    # (forked KV cache / recurrent state, see context.py) is charged once, to the first of those rows, so the
+    # sum over a call's results is the prompt compute of the call (without the cache: every step's refeed).
+    prompt_tokens_computed: int = 0
 
     def to_json(self) -> dict:
         return {
@@ -54,6 +58,7 @@ class GenerationStats:
     step_seconds: list[float] = field(default_factory=list)
     step_cpu_seconds: list[float] = field(default_factory=list)
     generated_tokens: int = 0
+    prompt_tokens_computed: int = 0  # sum of the results' ``prompt_tokens_computed``
     total_seconds: float = 0.0
     total_cpu_seconds: float = 0.0
 

@@ -247,7 +247,7 @@ class RolloutSampler:
         results = generate_data_parallel(self.engine, prompts, params, dp_group=self.dp_group)
         self.generation_seconds += time.perf_counter() - start
         self.generated_tokens += sum(len(r.tokens) for r in results)
-        self.prefill_tokens += sum(len(p) for p in prompts)
+        self.prefill_tokens += sum(r.prompt_tokens_computed for r in results)  # shared prompt prefixes count once
         return results
 
     def sample(self, problems: Sequence, *, step: int, round_index: int, first_group_id: int) -> list[RolloutGroup]:

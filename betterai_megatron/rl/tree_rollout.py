@@ -17,13 +17,21 @@ boundaries as the forking points instead of TreeRL's high-entropy tokens:
 A leaf with no eligible branch point (e.g. an answer without reasoning lines) is not branched further, so a tree
 may have fewer than ``samples_per_prompt * branching ** (depth - 1)`` leaves.
 
-KV-cache reuse. The generation engine (:mod:`betterai_megatron.inference.engine`) has no way to fork a row's KV
-cache into new rows, so a continuation *re-prefills* its shared prefix: each branch point costs
-``(branching - 1) * (prompt + prefix)`` prefill tokens, counted in ``RolloutSampler.prefill_tokens`` (metric
-``prefill_tokens``). The engine also prefills a batch only up to its shortest prompt and forces the rest of longer
-prompts one position per step, so ragged prefixes cost decode steps too. With a cache fork (copy the filled
-positions ``[0, prefix)`` of the source row into the new rows, what ``GenerationContext.keep_rows`` does with
-repeated indices) the continuations would start decoding at once; the tree bookkeeping here would not change.
+KV-cache reuse. The continuations of one level go to the engine in one call per budget, and the engine shares
+common prompt prefixes inside a batch (:mod:`betterai_megatron.inference.engine`, prefix sharing): rows that agree
+on every token so far share one cached row, which is forked (``GenerationContext.fork_rows``: KV positions
+``[0, prefix)`` of the softmax layers and the recurrent/conv states of the linear-attention layers copied into
+new rows) where their tokens diverge. So the ``branching - 1`` continuations of one branch point compute
+``prompt + prefix`` once, and all continuations of one group compute the problem prompt once (the
+``samples_per_prompt`` first samples likewise share their prompt). ``RolloutSampler.prefill_tokens`` (metric
+``prefill_tokens``) counts what the engine computed (``GenerationResult.prompt_tokens_computed``), so it shows the
+saving. Sampled tokens and log-probs are those of unshared decoding (each row keeps its own random stream).
+
+Not reused: the parent's cache from the *earlier* engine call. Branch points are chosen after a sample is
+complete (uniformly among its reasoning lines), when that call's cache has moved past them -- reusing it would
+mean keeping every row's KV cache and a recurrent-state snapshot at every candidate newline. So each branch point
+still computes its ``prompt + prefix`` once more (instead of ``branching - 1`` times), on top of the earlier
+call; the engine also prefills a batch only up to its shortest prompt and forces the rest one position per step.
 
 Continuations of one level are batched in one engine call per remaining token budget (rounded down to a multiple
 of :data:`BUDGET_QUANTUM_TOKENS`, which keeps the number of calls small; a path may therefore end up to 7 tokens
@@ -134,8 +142,11 @@ def _sample_continuations(requests, *, sampler, step: int, round_index: int, lev
     for budget in sorted(by_budget):
         batch = by_budget[budget]
         prompts = [group.tree.segments[0] + prefix for group, _, prefix, _, _ in batch]
+        prefill_before = sampler.prefill_tokens
         results = sampler.generate(prompts, max_new_tokens=budget,
                                    seed=derived_seed(sampler.seed, step, round_index, level, budget))
+        # What the engine computed: shared prefixes once (RolloutSampler.generate may count every prompt token).
+        sampler.prefill_tokens = prefill_before + sum(r.prompt_tokens_computed for r in results)
         for (group, parent, prefix, prefix_log_probs, _), result in zip(batch, results):
             leaf = group.tree.add_segment(parent, result.tokens)
             tokens = list(prefix) + list(result.tokens)

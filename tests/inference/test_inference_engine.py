@@ -176,7 +176,8 @@ def test_cached_decoding_feeds_one_token_per_step(softmax_model, tokenizer):
     fed_lengths = []
     hook = softmax_model.embedding.register_forward_pre_hook(lambda module, args, kwargs: fed_lengths.append(kwargs["input_ids"].shape), with_kwargs=True)
     try:
-        make_engine(softmax_model, tokenizer).generate(prompts, GREEDY.replace(max_new_tokens=4))
+        # one cache row per prompt: with prefix sharing the common "abc" would be prefilled once (test_inference_fork)
+        make_engine(softmax_model, tokenizer, share_prompt_prefixes=False).generate(prompts, GREEDY.replace(max_new_tokens=4))
     finally:
         hook.remove()
     # prefill of the shortest prompt (3 tokens), then single tokens; the short row ends first and is dropped.

@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,7 +34,8 @@ def launch_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT",
                         "NNODES", "NODE_RANK", "NPROC_PER_NODE", "BETTERAI_FAULT_INJECTION")}
-    env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # the launchers run the interpreter that runs these tests (else they would look for the checkout's .venv)
+    env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHON=sys.executable)
     env.update(extra)
     return env
 

@@ -78,7 +78,10 @@ def test_torchrun_no_python_runs_the_script_per_rank(tmp_path, reference_losses)
 
 
 def test_launch_line_defaults_to_one_node_and_the_visible_gpus():
-    result = _dry_run("pretrain.sh", str(TINY_CONFIG), "train.steps=2", CUDA_VISIBLE_DEVICES="0,1,2")
+    env = launch_env(BETTERAI_DRY_RUN="1", CUDA_VISIBLE_DEVICES="0,1,2")
+    del env["PYTHON"]  # the launcher's own choice of interpreter: the checkout's .venv when there is one
+    result = subprocess.run(["bash", str(REPO / "examples" / "pretrain.sh"), str(TINY_CONFIG), "train.steps=2"],
+                            cwd=REPO, capture_output=True, text=True, timeout=60, env=env)
     assert result.returncode == 0, result.stderr
     line = result.stdout.strip()
     assert line.startswith("launch (node 0 of 1): ")
