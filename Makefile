@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml scripts/setup_system.sh Makefile
 	touch $(STAMP)
 
 demo: setup
-	$(VENV)/bin/betterai pretrain --config examples/configs/tiny_cpu.yaml run.dir=runs/demo
+	$(VENV)/bin/betterai pipeline --config examples/configs/tiny_pipeline.yaml run.dir=runs/demo
 
 test: setup
 	bash scripts/run_tests.sh $(PYTEST_ARGS)

@@ -1,37 +1,50 @@
-"""The full pipeline: tokenizer -> preprocessing -> pretrain -> SFT -> GRPO -> evaluation, one stage after another.
+"""What each pipeline stage runs: its directory under ``run.dir``, its command line, and where it starts from.
 
-Each stage is the project's own CLI command run as a subprocess (under ``torchrun`` for the training stages), so
-every stage starts from a clean process group and is exactly what a user would run by hand. Stage ``X`` works in
-``<run.dir>/X/`` and is marked complete by ``<run.dir>/X/COMPLETE`` once its command exits 0; a re-run skips
-complete stages, and an interrupted training stage resumes from its own checkpoint. Each training stage starts
-from the previous stage's checkpoint (weights only, fresh optimiser).
+Every stage except ``data`` is the project's own CLI command run as a subprocess (under ``torchrun`` for the
+stages that build a model), so each starts from a clean process group and is exactly what a user would run by
+hand. Stage ``X`` works in ``<run.dir>/X/``:
+
+====================  ===========================================================================================
+``data/``             the built-in data (:mod:`.demo_data`): ``pretrain.jsonl``, ``sft.jsonl``, problem splits
+``tokenizer/``        ``code.model`` (sentencepiece BPE, ``betterai train-tokenizer``)
+``preprocess/``       ``pretrain_text_document.{bin,idx}`` (``betterai preprocess``)
+``pretrain/``         ``betterai pretrain`` from scratch; checkpoints in ``pretrain/checkpoints``
+``sft/``              ``betterai sft`` from the pretrain checkpoint
+``grpo/``             ``betterai grpo`` on ``data/problems_train.jsonl`` from the SFT checkpoint
+``eval/``             ``betterai eval``: perplexity on the held-out pretraining split, pass@k on
+                      ``data/problems_eval.jsonl``, of the GRPO checkpoint
+====================  ===========================================================================================
+
+A training stage starts from the checkpoint of the nearest earlier training stage that this run selects or that
+is already complete (``checkpoint.load_dir``, ``checkpoint.load_weights_only=true``: weights only, fresh
+optimiser and schedule); its own ``checkpoint.dir`` wins when it holds a checkpoint, so an interrupted stage
+resumes where it stopped (:mod:`betterai_megatron.training.checkpointing`). Evaluation reads the last one.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import os
-import shlex
-import subprocess
+import socket
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from betterai_megatron.config import Config, to_dict
-from betterai_megatron.pipeline.pipeline_config import STAGES, PipelineConfig
+from betterai_megatron.config import Config
+from betterai_megatron.pipeline.pipeline_config import STAGES, TRAINING_STAGES, PipelineConfig
 
-logger = logging.getLogger(__name__)
+MARKER_NAME = "COMPLETE"
 
 
-
-@dataclass
+@dataclass(frozen=True)
 class StagePaths:
+    """The layout of a pipeline run directory."""
+
     root: Path
 
     def stage(self, name: str) -> Path:
         return self.root / name
+
+    def marker(self, name: str) -> Path:
+        return self.stage(name) / MARKER_NAME
 
     @property
     def tokenizer_model(self) -> Path:
@@ -43,153 +56,92 @@ class StagePaths:
 
     @property
     def indexed_prefix(self) -> Path:
+        """The ``.bin/.idx`` prefix ``betterai preprocess`` writes for the ``text`` key."""
         return Path(f"{self.data_prefix}_text_document")
 
     def checkpoints(self, stage: str) -> Path:
         return self.root / stage / "checkpoints"
 
 
-def _betterai(args: list[str], *, nproc: int | None) -> list[str]:
-    if nproc is None:
-        return [sys.executable, "-m", "betterai_megatron", *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
-            "127.0.0.1", "--master-port", str(_free_port()), "-m", "betterai_megatron", *args]
+@dataclass(frozen=True)
+class StageCommand:
+    """One stage's command: ``betterai <argv...>``; ``overrides`` are the dotted config overrides among them
+    (None for stages without a config), checked before the pipeline starts anything."""
+
+    name: str
+    argv: list[str]
+    overrides: list[str] | None
+    distributed: bool  # launched under torchrun with pipeline.nproc processes
+
+    def command_line(self, *, nproc: int) -> list[str]:
+        if not self.distributed:
+            return [sys.executable, "-m", "betterai_megatron", *self.argv]
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
+                "127.0.0.1", "--master-port", str(free_port()), "-m", "betterai_megatron", *self.argv]
 
 
-def _free_port() -> int:
-    import socket
-
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def stage_commands(config: Config, config_path: str, paths: StagePaths) -> dict[str, list[str]]:
-    """The command line of every stage (only what differs between stages is added to the shared config)."""
+def previous_training_stage(stage: str, *, selected: list[str], paths: StagePaths) -> str | None:
+    """The training stage ``stage`` starts from: the nearest earlier one selected in this run or complete on disk."""
+    earlier = [s for s in TRAINING_STAGES if STAGES.index(s) < STAGES.index(stage)]
+    for candidate in reversed(earlier):
+        if candidate in selected or paths.marker(candidate).exists():
+            return candidate
+    return None
+
+
+def stage_commands(config: Config, config_path: str, paths: StagePaths) -> dict[str, StageCommand]:
+    """The command of every stage but ``data`` (only what differs between stages is added to the shared config)."""
     p: PipelineConfig = config.pipeline
     data = paths.stage("data")
     tok = str(paths.tokenizer_model)
+    # Every model stage reads the pipeline's tokenizer and its pretraining data (eval: held-out perplexity).
     shared = [f"data.tokenizer_model={tok}", "data.tokenizer_type=SentencePieceTokenizer", "data.mock=false",
               f"data.prefixes=[{paths.indexed_prefix}]"]
 
-    def training(stage: str, previous: str | None, extra: list[str]) -> list[str]:
-        args = [stage, "--config", config_path, *shared, f"run.dir={paths.stage(stage)}",
-                f"checkpoint.dir={paths.checkpoints(stage)}"]
-        if previous is not None:
-            args += [f"checkpoint.load_dir={paths.checkpoints(previous)}", "checkpoint.load_weights_only=true"]
-        return _betterai(args + extra, nproc=p.nproc)
+    def start_from(stage: str) -> list[str]:
+        previous = previous_training_stage(stage, selected=p.stages, paths=paths)
+        if previous is None:
+            return []
+        return [f"checkpoint.load_dir={paths.checkpoints(previous)}", "checkpoint.load_weights_only=true"]
 
+    def training(stage: str, extra: list[str]) -> StageCommand:
+        overrides = [*shared, f"run.dir={paths.stage(stage)}", f"checkpoint.dir={paths.checkpoints(stage)}",
+                     *start_from(stage), *extra, *getattr(p, f"{stage}_overrides")]
+        return StageCommand(stage, [stage, "--config", config_path, *overrides], overrides, distributed=True)
+
+    evaluated = previous_training_stage("eval", selected=p.stages, paths=paths)
+    eval_overrides = [*shared, f"run.dir={paths.stage('eval')}",
+                      *([f"checkpoint.load_dir={paths.checkpoints(evaluated)}"] if evaluated else []),
+                      f"eval.problems_path={data / 'problems_eval.jsonl'}", *p.eval_overrides]
     return {
-        "tokenizer": _betterai(["train-tokenizer", "--input", str(data / "pretrain.jsonl"), "--model-prefix",
-                                tok.removesuffix(".model"), "--vocab-size", str(p.tokenizer_vocab_size),
-                                "--model-type", "bpe", "--seed", str(config.train.seed)], nproc=None),
-        "preprocess": _betterai(["preprocess", "--input", str(data / "pretrain.jsonl"), "--output-prefix",
-                                 str(paths.data_prefix), "--json-keys", "text", "--tokenizer-type",
-                                 "SentencePieceTokenizer", "--tokenizer-model", tok, "--workers",
-                                 str(p.preprocess_workers), "--append-eod"], nproc=None),
-        "pretrain": training("pretrain", None, p.pretrain_overrides),
-        "sft": training("sft", "pretrain", [f"data.sft.paths=[{data / 'sft.jsonl'}]", *p.sft_overrides]),
-        "grpo": training("grpo", "sft", [f"rollout.problems_path={data / 'problems_train.jsonl'}",
-                                         *p.grpo_overrides]),
-        "eval": _betterai(["eval", "--config", config_path, *shared, f"run.dir={paths.stage('eval')}",
-                           f"checkpoint.load_dir={paths.checkpoints('grpo')}",
-                           f"eval.problems_path={data / 'problems_eval.jsonl'}", *p.eval_overrides],
-                          nproc=p.nproc),
+        "tokenizer": StageCommand("tokenizer", [
+            "train-tokenizer", "--input", str(data / "pretrain.jsonl"), "--model-prefix", tok.removesuffix(".model"),
+            "--vocab-size", str(p.tokenizer_vocab_size), "--model-type", "bpe", "--seed", str(config.train.seed)],
+            None, distributed=False),
+        "preprocess": StageCommand("preprocess", [
+            "preprocess", "--input", str(data / "pretrain.jsonl"), "--output-prefix", str(paths.data_prefix),
+            "--json-keys", "text", "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", tok,
+            "--workers", str(p.preprocess_workers), "--append-eod"], None, distributed=False),
+        "pretrain": training("pretrain", []),
+        # the SFT data is in the reasoning format GRPO and eval prompt with: same template, same system prompt
+        "sft": training("sft", [f"data.sft.paths=[{data / 'sft.jsonl'}]", "data.sft.reasoning=true"]),
+        "grpo": training("grpo", [f"rollout.problems={data / 'problems_train.jsonl'}"]),
+        "eval": StageCommand("eval", ["eval", "--config", config_path, *eval_overrides], eval_overrides,
+                             distributed=True),
     }
 
 
-def _write_demo_data(config: Config, paths: StagePaths) -> None:
-    from betterai_megatron.pipeline.demo_data import DemoDataConfig, write_demo_data
+def write_demo_data(config: Config, paths: StagePaths) -> None:
+    """The ``data`` stage (in-process: it is quick and needs no model)."""
+    from betterai_megatron.pipeline.demo_data import DemoDataConfig
+    from betterai_megatron.pipeline.demo_data import write_demo_data as write
 
     p: PipelineConfig = config.pipeline
-    write_demo_data(paths.stage("data"), DemoDataConfig(levels=p.demo_levels, task_repeats=p.demo_task_repeats,
-                                                        stdlib_max_bytes=p.demo_stdlib_max_bytes,
-                                                        seed=config.train.seed))
-
-
-def run_pipeline(config: Config, config_path: str) -> dict:
-    """Run the configured stages in order, skipping complete ones; returns the summary."""
-    paths = StagePaths(Path(config.run.dir))
-    paths.root.mkdir(parents=True, exist_ok=True)
-    commands = stage_commands(config, config_path, paths)
-    timings = {}
-    for stage in STAGES:
-        if stage not in config.pipeline.stages:
-            continue
-        marker = paths.stage(stage) / "COMPLETE"
-        if marker.exists():
-            print(f"[pipeline] {stage}: complete, skipped", flush=True)
-            continue
-        paths.stage(stage).mkdir(parents=True, exist_ok=True)
-        start = time.time()
-        if stage == "data":
-            print("[pipeline] data: writing the built-in corpus, SFT and problem sets", flush=True)
-            _write_demo_data(config, paths)
-        else:
-            command = commands[stage]
-            print(f"[pipeline] {stage}: {shlex.join(command)}", flush=True)
-            log_path = paths.stage(stage) / "stage.log"
-            with open(log_path, "a") as log:
-                result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT,
-                                        env={**os.environ, "PYTHONWARNINGS": "ignore"})
-            if result.returncode != 0:
-                tail = "".join(open(log_path).readlines()[-30:])
-                raise RuntimeError(f"pipeline stage {stage!r} failed (exit {result.returncode}); log: "
-                                   f"{log_path}\n{tail}")
-        timings[stage] = time.time() - start
-        marker.write_text(json.dumps({"seconds": timings[stage]}) + "\n")
-        print(f"[pipeline] {stage}: done in {timings[stage]:.0f} s", flush=True)
-    summary = summarize(paths)
-    (paths.root / "summary.json").write_text(json.dumps({"stages": summary, "config": to_dict(config)},
-                                                        indent=2))
-    print_summary(summary)
-    return summary
-
-
-def _metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def summarize(paths: StagePaths) -> dict:
-    """Key numbers per stage from its metrics.jsonl / results.json."""
-    summary: dict = {}
-    for stage in ("pretrain", "sft"):
-        records = [r for r in _metrics(paths.stage(stage) / "metrics.jsonl") if r.get("loss") is not None]
-        if records:
-            summary[stage] = {"first_loss": records[0]["loss"], "last_loss": records[-1]["loss"],
-                              "steps": records[-1]["step"]}
-            vals = [r for r in _metrics(paths.stage(stage) / "metrics.jsonl") if r.get("val_loss") is not None]
-            if vals:
-                summary[stage]["val_loss"] = vals[-1]["val_loss"]
-    grpo = [r for r in _metrics(paths.stage("grpo") / "metrics.jsonl") if r.get("reward_mean") is not None]
-    if grpo:
-        fifth = max(1, len(grpo) // 5)
-        mean = lambda rs, k: sum(r.get(k, 0.0) for r in rs) / len(rs)  # noqa: E731
-        summary["grpo"] = {"steps": len(grpo),
-                           "reward_first_fifth": mean(grpo[:fifth], "reward_mean"),
-                           "reward_last_fifth": mean(grpo[-fifth:], "reward_mean"),
-                           "pass_rate_first_fifth": mean(grpo[:fifth], "pass_rate"),
-                           "pass_rate_last_fifth": mean(grpo[-fifth:], "pass_rate")}
-    results = paths.stage("eval") / "results.json"
-    if results.exists():
-        summary["eval"] = json.loads(results.read_text())
-    return summary
-
-
-def print_summary(summary: dict) -> None:
-    rows = []
-    for stage, values in summary.items():
-        for key, value in values.items():
-            if isinstance(value, dict):
-                for sub, v in value.items():
-                    rows.append((stage, f"{key}.{sub}", v))
-            else:
-                rows.append((stage, key, value))
-    width = max((len(r[1]) for r in rows), default=10)
-    print("\n stage     | " + "metric".ljust(width) + " | value")
-    print("-----------+-" + "-" * width + "-+----------")
-    for stage, key, value in rows:
-        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
-        print(f" {stage:<9} | {key.ljust(width)} | {shown}")
+    write(paths.stage("data"), DemoDataConfig(levels=p.demo_levels, task_repeats=p.demo_task_repeats,
+                                              stdlib_max_bytes=p.demo_stdlib_max_bytes, seed=config.train.seed))
