@@ -98,6 +98,8 @@ def validate_static(config: Config) -> None:
     problems += [f"{k}={v} must be >= 1" for k, v in positive.items() if v < 1]
     if t.steps < 0:
         problems.append(f"train.steps={t.steps} must be >= 0")
+    if t.min_lr > t.lr:  # megatron-core's OptimizerParamScheduler asserts this without saying which keys
+        problems.append(f"train.min_lr={t.min_lr} is above train.lr={t.lr}")
     if m.num_attention_heads % p.tp:
         problems.append(f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tp={p.tp}")
     if m.query_groups % p.tp:

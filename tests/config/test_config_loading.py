@@ -74,6 +74,7 @@ def test_unknown_preset_lists_valid_ones():
         (["parallel.cp=2", "parallel.cp_attention=te"], r"parallel.cp=2 with parallel.cp_attention=te needs Transformer"),
         (["model.layer_pattern=GGXA"], r"model.layer_pattern='GGXA': letters must be from A"),
         (["train.global_batch_size=7"], r"train.global_batch_size=7 is not divisible by train.micro_batch_size=2"),
+        (["train.lr=1e-4", "train.min_lr=2e-4"], r"train.min_lr=0.0002 is above train.lr=0.0001"),
     ],
 )
 def test_invalid_static_layouts_fail_with_keys_and_values(overrides, message):
