@@ -191,9 +191,12 @@ def start_checkpoint_results_queue() -> None:
 
 def _die_with_parent(parent_pid: int) -> None:
     """In the forked manager: end with the trainer, also when it is SIGKILLed (Linux ``PR_SET_PDEATHSIG``), and
-    let SIGTERM/SIGUSR1 kill it again (it inherited the trainer's stop-request handlers)."""
+    survive SIGTERM/SIGUSR1. torchrun delivers SIGTERM to each worker's whole process group (``os.killpg``), this
+    manager included; the trainer answers it by finishing a checkpoint, whose writers report through this
+    manager's queue — a manager killed by that same signal made the save fail with BrokenPipeError. It still ends
+    with the trainer (normal shutdown, or the parent-death SIGKILL below)."""
     for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_DFL)
+        signal.signal(sig, signal.SIG_IGN)
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
