@@ -4,29 +4,18 @@ one process per device under ``torchrun``, or ``examples/grpo.sh``)."""
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 
-from betterai_megatron.config import ConfigError, load_config
+from betterai_megatron.training.stage_command import add_config_arguments, run_config_command
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="YAML config file (e.g. examples/configs/tiny_grpo.yaml)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=5 rollout.tree.depth=2")
+    add_config_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"betterai grpo: {exc}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=config.log.level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from betterai_megatron.rl.grpo_stage import run_grpo
+    def run(config):
+        from betterai_megatron.rl.grpo_stage import run_grpo  # torch and megatron-core only once the config is valid
 
-    try:
-        run_grpo(config)
-    except ConfigError as exc:
-        print(f"betterai grpo: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        return run_grpo(config)
+
+    return run_config_command("grpo", args, run)
