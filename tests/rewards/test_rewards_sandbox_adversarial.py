@@ -81,7 +81,9 @@ def test_runaway_program_is_killed_at_the_timeout(executor, program):
     verdict = executor.run([py_job(program)])[0]
     elapsed = time.monotonic() - start
     assert verdict.status == "timeout"
-    assert executor.config.timeout_s - 0.1 <= elapsed < executor.config.timeout_s + 3.0
+    # killed by the clock, not run to its end (60 s of sleep, or forever); the slack covers sandbox start-up and
+    # teardown on a loaded machine
+    assert executor.config.timeout_s - 0.1 <= elapsed < executor.config.timeout_s + 10.0, elapsed
     _assert_host_clean_and_pool_healthy(executor)
 
 
