@@ -34,6 +34,16 @@ def run_betterai(args: list[str], *, nproc: int = 1, timeout: float = 300, env: 
     return result
 
 
+def run_torchrun_worker(script: str | Path, *, nproc: int, timeout: float) -> str:
+    """Run a test file as its own ``torchrun --nproc-per-node nproc`` worker script (gloo, random port); its stdout."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(script)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    return proc.stdout
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines if line.strip()]

@@ -14,33 +14,18 @@ The worker half of this file runs under ``__main__``.
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-
 import pytest
 
 RTOL = 1e-5
 LINEAR_CASES = ("delta_rule", "gla", "gated_delta_rule", "gated_delta_rule_gva")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def worker_output() -> str:
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
-        "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), __file__,
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, check=False)
-    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
-    return proc.stdout
+    # imported here, not at the top: this file is also torchrun's worker script, run outside the tests package
+    from tests.conftest import run_torchrun_worker
+
+    return run_torchrun_worker(__file__, nproc=4, timeout=240)
 
 
 @pytest.mark.distributed
