@@ -236,19 +236,15 @@ def _build(config: Config, *, rank: int, world_size: int):
     from betterai_megatron.data.tokenizer import build_tokenizer
     from betterai_megatron.inference.config import GenerationConfig
     from betterai_megatron.inference.engine import GenerationEngine
-    from betterai_megatron.model.builder import build_model_chunks
     from betterai_megatron.parallel.layout import initialize_parallel
     from betterai_megatron.rewards.executor import CodeExecutor
     from betterai_megatron.rewards.rollout_scoring import RolloutScorer
     from betterai_megatron.rl.reference_policy import build_reference_policy
     from betterai_megatron.rl.rollout import RolloutSampler
-    from betterai_megatron.training.checkpointing import Checkpointer
     from betterai_megatron.training.metrics import MetricsWriter
-    from betterai_megatron.training.optimizer import build_optimizer, build_scheduler
+    from betterai_megatron.training.pretrain import build_trainable_model
     from betterai_megatron.training.trainer import (
         TrainingState,
-        attach_schedule_hooks,
-        wrap_with_ddp,
     )
 
     t, r = config.train, config.rollout
@@ -263,14 +259,7 @@ def _build(config: Config, *, rank: int, world_size: int):
                           f"model.vocab_size={config.model.vocab_size}")
     # the conversation format of the SFT stage: same template, same system prompt (data.sft.system_prompt)
     template = ChatTemplate(tokenizer, system_prompt=config.data.sft.system_prompt, reasoning=True)
-    chunks, transformer_config = build_model_chunks(model=config.model, parallel=config.parallel,
-                                                    seq_length=t.seq_length, seed=t.seed)
-    chunks = wrap_with_ddp(chunks, transformer_config=transformer_config, config=config)
-    optimizer = build_optimizer(train=t, model=config.model, parallel=config.parallel, chunks=chunks)
-    scheduler = build_scheduler(train=t, optimizer=optimizer)
-    attach_schedule_hooks(transformer_config, chunks=chunks, optimizer=optimizer, config=config)
-    checkpointer = Checkpointer(checkpoint=config.checkpoint, run_dir=run_dir, parallel=config.parallel)
-    loaded = checkpointer.load(chunks=chunks, optimizer=optimizer, scheduler=scheduler)
+    chunks, optimizer, scheduler, checkpointer, loaded = build_trainable_model(config, run_dir=run_dir)
     state = TrainingState(**loaded.training_state) if loaded is not None else TrainingState()
     if loaded is None and rank == 0:
         logger.warning("GRPO starts from a freshly initialised model (no checkpoint in checkpoint.dir and no "

@@ -42,6 +42,23 @@ from betterai_megatron.training.trainer import (
 logger = logging.getLogger(__name__)
 
 
+def build_trainable_model(config: Config, *, run_dir: Path):
+    """What every training stage (pretrain, SFT, GRPO) trains: the DDP-wrapped model chunks, the optimiser, the
+    scheduler and the checkpointer, with the checkpoint the stage resumes (or starts) from already loaded.
+
+    Returns ``(chunks, optimizer, scheduler, checkpointer, loaded)``; ``loaded`` is None on a fresh start."""
+    t = config.train
+    chunks, transformer_config = build_model_chunks(model=config.model, parallel=config.parallel,
+                                                    seq_length=t.seq_length, seed=t.seed)
+    chunks = wrap_with_ddp(chunks, transformer_config=transformer_config, config=config)
+    optimizer = build_optimizer(train=t, model=config.model, parallel=config.parallel, chunks=chunks)
+    scheduler = build_scheduler(train=t, optimizer=optimizer)
+    attach_schedule_hooks(transformer_config, chunks=chunks, optimizer=optimizer, config=config)
+    checkpointer = Checkpointer(checkpoint=config.checkpoint, run_dir=run_dir, parallel=config.parallel)
+    loaded = checkpointer.load(chunks=chunks, optimizer=optimizer, scheduler=scheduler)
+    return chunks, optimizer, scheduler, checkpointer, loaded
+
+
 def run_pretraining(config: Config, *, build_datasets=build_datasets) -> TrainingState:
     """Train until ``train.steps`` optimiser steps are done (or a stop request); returns the final state.
 
@@ -56,17 +73,8 @@ def run_pretraining(config: Config, *, build_datasets=build_datasets) -> Trainin
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_yaml(config, run_dir / "config.yaml")
     t = config.train
-    chunks, transformer_config = build_model_chunks(model=config.model, parallel=config.parallel,
-                                                    seq_length=t.seq_length, seed=t.seed)
-    chunks = wrap_with_ddp(chunks, transformer_config=transformer_config, config=config)
-    optimizer = build_optimizer(train=t, model=config.model, parallel=config.parallel, chunks=chunks)
-    scheduler = build_scheduler(train=t, optimizer=optimizer)
-    attach_schedule_hooks(transformer_config, chunks=chunks, optimizer=optimizer, config=config)
-    checkpointer = Checkpointer(checkpoint=config.checkpoint, run_dir=run_dir, parallel=config.parallel)
-    state = TrainingState()
-    loaded = checkpointer.load(chunks=chunks, optimizer=optimizer, scheduler=scheduler)
-    if loaded is not None:
-        state = TrainingState(**loaded.training_state)
+    chunks, optimizer, scheduler, checkpointer, loaded = build_trainable_model(config, run_dir=run_dir)
+    state = TrainingState(**loaded.training_state) if loaded is not None else TrainingState()
     valid_samples = (t.steps // t.eval_interval + 1) * t.eval_iters * t.global_batch_size if t.eval_interval else 0
     train_dataset, valid_dataset = build_datasets(config, train_samples=max(t.steps, 1) * t.global_batch_size,
                                                   valid_samples=valid_samples)
